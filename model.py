@@ -1,0 +1,405 @@
+"""Llama-3.1 in one file, for inference over a preallocated KV cache.
+
+Reads a Hugging Face checkpoint folder (config.json plus safetensors weights) and runs chunks
+of tokens at absolute positions against a KV cache that is allocated once. That is all KV-Fold
+needs from a model: `forward(tokens, cache)` writes the chunk's keys and values at
+`cache.length` and attends to every key before them.
+
+Differences from the Hugging Face implementation:
+- no training, dropout, padding masks or batching of unequal lengths;
+- the RoPE tables are built in float64 and applied in fp32 whatever the model dtype;
+- a forward returns logits only for the positions asked for (the last one by default).
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class CheckpointError(Exception):
+    """A checkpoint folder that cannot be loaded, with a message that says what to do."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class ModelArgs:
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    hidden_dim: int  # width of the SwiGLU MLP
+    vocab_size: int
+    norm_eps: float
+    rope_theta: float
+    max_seq_len: int  # positions the model was trained on
+    tie_word_embeddings: bool
+    rope_scaling: dict | None = None  # llama3 scaling: factor, low/high_freq_factor, original_max_position_embeddings
+    bos_id: int | None = None
+    eos_ids: tuple = ()
+
+    @classmethod
+    def from_config(cls, cfg, source="config.json"):
+        """Build the args from a Hugging Face config dict, rejecting what this file does not implement."""
+
+        def get(key, kind, default=None):
+            value = cfg.get(key, default)
+            if value is None or (kind is float and isinstance(value, int) and not isinstance(value, bool)):
+                return value if value is None else float(value)
+            if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+                raise CheckpointError(f"{source}: {key} must be {kind.__name__}, got {value!r}")
+            return value
+
+        archs = cfg.get("architectures") or []
+        if cfg.get("model_type") != "llama" and "LlamaForCausalLM" not in archs:
+            raise CheckpointError(
+                f"{source}: unsupported architecture {archs or cfg.get('model_type')!r}; "
+                "this implementation runs Llama models (LlamaForCausalLM) only")
+        for key in ("attention_bias", "mlp_bias"):
+            if cfg.get(key):
+                raise CheckpointError(f"{source}: {key}=true is not supported (Llama-3.1 has no biases)")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise CheckpointError(f"{source}: hidden_act {cfg['hidden_act']!r} is not supported, only 'silu'")
+
+        # Recent transformers versions write RoPE settings under rope_parameters; Llama-3.1
+        # downloads keep rope_theta and rope_scaling at the top level.
+        rope = dict(cfg.get("rope_parameters") or {})
+        theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+        scaling = rope if rope else cfg.get("rope_scaling")
+        if scaling is not None and not isinstance(scaling, dict):
+            raise CheckpointError(f"{source}: rope_scaling must be an object, got {scaling!r}")
+        rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+        if rope_type == "default":
+            scaling = None
+        elif rope_type == "llama3":
+            needed = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+            missing = [k for k in needed if not isinstance(scaling.get(k), (int, float))]
+            if missing:
+                raise CheckpointError(f"{source}: llama3 rope scaling is missing numeric {', '.join(missing)}")
+            scaling = {k: float(scaling[k]) for k in needed}
+        else:
+            raise CheckpointError(
+                f"{source}: rope_type {rope_type!r} is not supported; only 'llama3' scaling or none is implemented")
+
+        dim = get("hidden_size", int)
+        n_heads = get("num_attention_heads", int)
+        n_kv_heads = get("num_key_value_heads", int, n_heads)
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        args = cls(
+            dim=dim,
+            n_layers=get("num_hidden_layers", int),
+            n_heads=n_heads,
+            n_kv_heads=n_kv_heads,
+            head_dim=get("head_dim", int, None) or (dim // n_heads if dim and n_heads else None),
+            hidden_dim=get("intermediate_size", int),
+            vocab_size=get("vocab_size", int),
+            norm_eps=get("rms_norm_eps", float, 1e-5),
+            rope_theta=float(theta),
+            max_seq_len=get("max_position_embeddings", int, 2048),
+            tie_word_embeddings=get("tie_word_embeddings", bool, False),
+            rope_scaling=scaling,
+            bos_id=get("bos_token_id", int, None),
+            eos_ids=eos_ids,
+        )
+        for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "vocab_size"):
+            if not isinstance(getattr(args, key), int) or getattr(args, key) <= 0:
+                raise CheckpointError(f"{source}: missing or invalid {key} ({getattr(args, key)!r})")
+        if n_heads % n_kv_heads:
+            raise CheckpointError(f"{source}: num_attention_heads {n_heads} is not a multiple of num_key_value_heads {n_kv_heads}")
+        if args.head_dim % 2:
+            raise CheckpointError(f"{source}: head_dim {args.head_dim} must be even for RoPE")
+        return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in fp32, as the reference does, then scale in the model dtype.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_frequencies(head_dim, theta, scaling=None):
+    """Return the RoPE inverse frequencies (head_dim/2,) in float64, with llama3 scaling if given."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    if scaling is None:
+        return inv_freq
+    # Llama-3.1 scaling: wavelengths shorter than original_context / high_freq_factor keep their
+    # frequency, those longer than original_context / low_freq_factor are slowed by `factor`, and
+    # the band between is a linear blend of the two in 1/wavelength.
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((old_context / wavelen - low) / (high - low)).clamp(0.0, 1.0)
+    return (1 - smooth) * inv_freq / factor + smooth * inv_freq
+
+
+def rope_tables(positions, inv_freq):
+    """Return cos and sin tables (T, head_dim) in fp32 for integer positions.
+
+    Angles are computed in float64: in fp32 a position near 100K times a frequency near 1 keeps
+    only about 3 digits after the point, and in bf16 the error reaches whole radians.
+    """
+    angles = positions.to(torch.float64)[:, None] * inv_freq.to(positions.device)[None, :]  # (T, head_dim/2)
+    angles = torch.cat([angles, angles], dim=-1)  # rotate-half layout: pairs are (i, i + head_dim/2)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate x (B, H, T, head_dim) by the tables (T, head_dim); the math runs in fp32."""
+    x32 = x.float()
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x32[..., half:], x32[..., :half]], dim=-1)
+    return (x32 * cos + rotated * sin).to(x.dtype)
+
+
+def chunk_mask(start, n_queries, n_keys, device):
+    """Return the boolean mask (n_queries, n_keys) of a chunk whose queries sit at start.. .
+
+    Query i is at absolute position start + i and may see keys 0..start + i. SDPA's
+    is_causal=True anchors the triangle at the top-left corner, which is wrong whenever the
+    queries are fewer than the keys, so the mask is built from positions instead.
+    """
+    q_pos = torch.arange(start, start + n_queries, device=device)
+    k_pos = torch.arange(n_keys, device=device)
+    return k_pos[None, :] <= q_pos[:, None]
+
+
+class KVCache:
+    """Keys and values of every layer, allocated once for max_len positions.
+
+    k and v have shape (n_layers, B, n_kv_heads, max_len, head_dim). Positions 0..length-1 are
+    filled; a forward writes the next chunk at `length` and then advances it.
+    """
+
+    def __init__(self, args, max_len, batch_size=1, device="cpu", dtype=torch.float32):
+        shape = (args.n_layers, batch_size, args.n_kv_heads, max_len, args.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    @property
+    def max_len(self):
+        return self.k.shape[3]
+
+    def nbytes(self):
+        return self.k.numel() * self.k.element_size() * 2
+
+
+class Attention(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin, cache_k, cache_v, start):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        # Write this chunk's keys and values at their absolute positions, then attend to the
+        # whole prefix: keys 0..start+T-1.
+        end = start + T
+        cache_k[:, :, start:end] = k
+        cache_v[:, :, start:end] = v
+        keys, values = cache_k[:, :, :end], cache_v[:, :, :end]  # (B, n_kv_heads, end, head_dim)
+
+        # Query head j reads KV head j // (n_heads / n_kv_heads); enable_gqa repeats each KV head
+        # that way inside the kernel instead of copying the cache.
+        mask = None if T == 1 else chunk_mask(start, T, end, x.device)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)  # (B, n_heads, T, head_dim)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x, cos, sin, cache_k, cache_v, start):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache_k, cache_v, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+
+
+class Transformer(nn.Module):
+    """Llama decoder. Submodule names equal the checkpoint's names without the "model." prefix."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer(
+            "inv_freq", rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling), persistent=False)
+
+    @property
+    def device(self):
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self):
+        return self.embed_tokens.weight.dtype
+
+    def new_cache(self, max_len, batch_size=1):
+        return KVCache(self.args, max_len, batch_size, self.device, self.dtype)
+
+    @torch.inference_mode()
+    def forward(self, tokens, cache, logits_for=slice(-1, None), return_hidden=False):
+        """Run a chunk of tokens (B, T) at positions cache.length.. and append its keys and values.
+
+        Returns fp32 logits (B, len(logits_for), vocab) of the chunk positions selected by
+        logits_for (the last one by default; None for no logits). With return_hidden, returns
+        (logits, final hidden states (B, T, dim) after the last norm).
+        """
+        B, T = tokens.shape
+        start = cache.length
+        if start + T > cache.max_len:
+            raise ValueError(f"chunk of {T} tokens at position {start} overflows the cache of {cache.max_len} positions")
+        positions = torch.arange(start, start + T, device=tokens.device)
+        cos, sin = rope_tables(positions, self.inv_freq)
+
+        h = self.embed_tokens(tokens)  # (B, T, dim)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, cache.k[i], cache.v[i], start)
+        h = self.norm(h)
+        cache.length = start + T
+
+        logits = None if logits_for is None else self.lm_head(h[:, logits_for]).float()
+        return (logits, h) if return_hidden else logits
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def checkpoint_to_module_name(name):
+    """Map a Hugging Face tensor name to this file's parameter name.
+
+    The modules are named after the checkpoint, so the only change is the "model." prefix; Hugging
+    Face q_proj/k_proj rows are already in the rotate-half RoPE order apply_rope expects.
+    """
+    return name[len("model."):] if name.startswith("model.") else name
+
+
+def weight_files(checkpoint_dir):
+    """Return the safetensors files of a checkpoint: the index's shards, or model.safetensors."""
+    index_path = os.path.join(checkpoint_dir, "model.safetensors.index.json")
+    if os.path.exists(index_path):
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index_path}: invalid index ({e}); download it again") from None
+        files = sorted(set(weight_map.values()))
+        missing = [name for name in files if not os.path.isfile(os.path.join(checkpoint_dir, name))]
+        if missing:
+            raise CheckpointError(f"{checkpoint_dir}: shard {missing[0]} named in the index is missing; download it again")
+        return [os.path.join(checkpoint_dir, name) for name in files]
+    single = os.path.join(checkpoint_dir, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    raise CheckpointError(
+        f"{checkpoint_dir}: no model.safetensors or model.safetensors.index.json found; "
+        "this loader reads safetensors weights only")
+
+
+def read_config(checkpoint_dir):
+    if not os.path.isdir(checkpoint_dir):
+        raise CheckpointError(f"checkpoint folder {checkpoint_dir} not found; pass --checkpoint with a Hugging Face model folder")
+    path = os.path.join(checkpoint_dir, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} not found; a Hugging Face checkpoint folder needs its config.json") from None
+    except ValueError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); download it again") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path} must contain a JSON object")
+    return ModelArgs.from_config(cfg, source=path)
+
+
+def load(checkpoint_dir, device="cpu", dtype=torch.bfloat16):
+    """Load a Llama checkpoint folder (config.json + safetensors) and return the model in eval mode."""
+    from safetensors import SafetensorError, safe_open
+
+    args = read_config(checkpoint_dir)
+    files = weight_files(checkpoint_dir)
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = {name: p for name, p in model.named_parameters(remove_duplicate=False)}
+    if args.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+
+    state = {}
+    for path in files:
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    name = checkpoint_to_module_name(key)
+                    if name not in expected:
+                        if args.tie_word_embeddings and name == "lm_head.weight":
+                            continue  # some tied checkpoints store the shared matrix twice
+                        raise CheckpointError(f"{path}: unexpected tensor {key}; is this a Llama checkpoint?")
+                    tensor = f.get_tensor(key)
+                    if tuple(tensor.shape) != tuple(expected[name].shape):
+                        raise CheckpointError(
+                            f"{path}: {key} has shape {tuple(tensor.shape)}, config.json implies {tuple(expected[name].shape)}")
+                    state[name] = tensor.to(device=device, dtype=dtype)
+        except SafetensorError as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file ({e}); download it again") from None
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise CheckpointError(f"{checkpoint_dir}: {len(missing)} tensors missing from the weights, first {missing[0]}")
+
+    model.load_state_dict(state, strict=False, assign=True)
+    if args.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.inv_freq = rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling).to(device)
+    return model.eval()
