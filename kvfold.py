@@ -6,7 +6,7 @@
 One step runs chunk t through the frozen model at its absolute positions, with cache_{t-1}
 (the keys and values of every earlier chunk) as the attention prefix, and appends the chunk's
 new keys and values. Nothing is summarised, evicted or re-encoded: after the last step the cache
-holds exactly what a one-shot prefill of the whole prompt would hold, up to floating-point
+contains exactly what a one-shot prefill of the whole prompt would hold, up to floating-point
 rounding, while no forward pass ever sees more than chunk_size queries. The chain depth of a
 fold is its number of steps after the first.
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 
 class CheckpointError(Exception):
-    """A checkpoint folder that cannot be loaded, with a message that says what to do."""
+    """A checkpoint folder that cannot be loaded; the message names the problem and the fix."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -52,9 +52,11 @@ class ModelArgs:
 
         def get(key, kind, default=None):
             value = cfg.get(key, default)
-            if value is None or (kind is float and isinstance(value, int) and not isinstance(value, bool)):
-                return value if value is None else float(value)
-            if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+            if value is None:
+                return None
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                return float(value)
+            if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
                 raise CheckpointError(f"{source}: {key} must be {kind.__name__}, got {value!r}")
             return value
 
@@ -93,7 +95,12 @@ class ModelArgs:
         n_heads = get("num_attention_heads", int)
         n_kv_heads = get("num_key_value_heads", int, n_heads)
         eos = cfg.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        if eos is None:
+            eos_ids = ()
+        elif isinstance(eos, list):
+            eos_ids = tuple(eos)
+        else:
+            eos_ids = (eos,)
         args = cls(
             dim=dim,
             n_layers=get("num_hidden_layers", int),
@@ -139,7 +146,7 @@ class RMSNorm(nn.Module):
 
 def rope_frequencies(head_dim, theta, scaling=None):
     """Return the RoPE inverse frequencies (head_dim/2,) in float64, with llama3 scaling if given."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim)
     if scaling is None:
         return inv_freq
     # Llama-3.1 scaling: wavelengths shorter than original_context / high_freq_factor keep their
@@ -159,7 +166,7 @@ def rope_tables(positions, inv_freq):
     Angles are computed in float64: in fp32 a position near 100K times a frequency near 1 keeps
     only about 3 digits after the point, and in bf16 the error reaches whole radians.
     """
-    angles = positions.to(torch.float64)[:, None] * inv_freq.to(positions.device)[None, :]  # (T, head_dim/2)
+    angles = positions.to(torch.float64)[:, None] * inv_freq.to(positions.device, torch.float64)[None, :]  # (T, head_dim/2)
     angles = torch.cat([angles, angles], dim=-1)  # rotate-half layout: pairs are (i, i + head_dim/2)
     return angles.cos().float(), angles.sin().float()
 
@@ -228,8 +235,8 @@ class Attention(nn.Module):
         cache_v[:, :, start:end] = v
         keys, values = cache_k[:, :, :end], cache_v[:, :, :end]  # (B, n_kv_heads, end, head_dim)
 
-        # Query head j reads KV head j // (n_heads / n_kv_heads); enable_gqa repeats each KV head
-        # that way inside the kernel instead of copying the cache.
+        # Query head j reads KV head j // (n_heads / n_kv_heads). enable_gqa applies that mapping
+        # inside the kernel, so the cache is not copied once per query head.
         mask = None if T == 1 else chunk_mask(start, T, end, x.device)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)  # (B, n_heads, T, head_dim)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
@@ -275,8 +282,8 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.register_buffer(
-            "inv_freq", rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling), persistent=False)
+        # A plain attribute, not a buffer: Module.to(dtype) would round a buffer to bf16.
+        self.inv_freq = rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling)
 
     @property
     def device(self):
@@ -401,5 +408,4 @@ def load(checkpoint_dir, device="cpu", dtype=torch.bfloat16):
     model.load_state_dict(state, strict=False, assign=True)
     if args.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    model.inv_freq = rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling).to(device)
     return model.eval()
