@@ -237,8 +237,12 @@ class Attention(nn.Module):
 
         # Query head j reads KV head j // (n_heads / n_kv_heads). enable_gqa applies that mapping
         # inside the kernel, so the cache is not copied once per query head.
-        mask = None if T == 1 else chunk_mask(start, T, end, x.device)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)  # (B, n_heads, T, head_dim)
+        # A chunk at position 0 has as many queries as keys, the one case where is_causal=True
+        # is right, and it lets SDPA skip the mask. A single query sees every key.
+        mask = None if T == 1 or start == 0 else chunk_mask(start, T, end, x.device)
+        causal = T > 1 and start == 0
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=True)  # (B, n_heads, T, head_dim)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
