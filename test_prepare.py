@@ -1,17 +1,15 @@
-"""Tests for prepare.py (GGUF to Hugging Face conversion) and needle.py's prompt construction.
+"""Tests for prepare.py: the GGUF to Hugging Face conversion of the built-in model.
 
 The converted folder is checked against transformers' own reading of the same GGUF file: the
 tokenizer must agree, and the q/k row permutation must invert llama.cpp's.
 """
 
 import os
-import random
 
 import numpy as np
 import pytest
 import transformers
 
-import needle
 import prepare
 import tokenizer
 
@@ -75,30 +73,3 @@ def test_builtin_tokenizer_adds_no_bos(smollm):
     assert smollm.add_bos is False
     assert smollm.bos_id == 1
     assert smollm.stop_ids == [2]
-
-
-@pytest.mark.parametrize("length", [300, 1000, 7500])
-@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
-def test_needle_prompt_layout(smollm, length, depth):
-    key = "48213"
-    ids, needle_at = needle.build_prompt(smollm, length, depth, key, random.Random(0))
-    needle_ids = smollm.encode(" " + needle.NEEDLE.format(key=key))
-    head = smollm.encode(needle.INTRO)
-    filler = length - len(head) - len(needle_ids) - len(smollm.encode(needle.QUESTION))
-
-    assert len(ids) == length
-    assert ids[needle_at:needle_at + len(needle_ids)] == needle_ids
-    assert smollm.decode(ids).count(key) == 2  # the needle states the key twice
-    assert abs((needle_at - len(head)) - depth * filler) <= 40, "needle more than a sentence from its depth"
-    assert smollm.decode(ids).endswith(needle.QUESTION)
-
-
-def test_needle_prompt_too_short(smollm):
-    with pytest.raises(ValueError, match="too short"):
-        needle.build_prompt(smollm, 20, 0.5, "12345", random.Random(0))
-
-
-def test_parse_length():
-    assert needle.parse_length("16k") == 16384
-    assert needle.parse_length("128K") == 131072
-    assert needle.parse_length("7500") == 7500
