@@ -7,7 +7,8 @@ needs from a model: `forward(tokens, cache)` writes the chunk's keys and values 
 
 Differences from the Hugging Face implementation:
 - no training, dropout, padding masks or batching of unequal lengths;
-- the RoPE tables are built in float64 and applied in fp32 whatever the model dtype;
+- the RoPE tables are built in float64 and applied in fp32 (fp64 for an fp64 model) whatever
+  the model dtype;
 - a forward returns logits only for the positions asked for (the last one by default).
 """
 
@@ -131,6 +132,11 @@ class ModelArgs:
 # Layers
 
 
+def compute_dtype(dtype):
+    """Return the dtype for norms, RoPE and logits: fp32, or fp64 for an fp64 model."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -138,10 +144,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # Normalise in fp32, as the reference does, then scale in the model dtype.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # Normalise in fp32 (fp64 for an fp64 model), as the reference does, then scale in the
+        # model dtype.
+        xc = x.to(compute_dtype(x.dtype))
+        xc = xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xc.to(x.dtype)
 
 
 def rope_frequencies(head_dim, theta, scaling=None):
@@ -160,23 +167,23 @@ def rope_frequencies(head_dim, theta, scaling=None):
     return (1 - smooth) * inv_freq / factor + smooth * inv_freq
 
 
-def rope_tables(positions, inv_freq):
-    """Return cos and sin tables (T, head_dim) in fp32 for integer positions.
+def rope_tables(positions, inv_freq, dtype=torch.float32):
+    """Return cos and sin tables (T, head_dim) in dtype (fp32 by default) for integer positions.
 
     Angles are computed in float64: in fp32 a position near 100K times a frequency near 1 keeps
     only about 3 digits after the point, and in bf16 the error reaches whole radians.
     """
     angles = positions.to(torch.float64)[:, None] * inv_freq.to(positions.device, torch.float64)[None, :]  # (T, head_dim/2)
     angles = torch.cat([angles, angles], dim=-1)  # rotate-half layout: pairs are (i, i + head_dim/2)
-    return angles.cos().float(), angles.sin().float()
+    return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rope(x, cos, sin):
-    """Rotate x (B, H, T, head_dim) by the tables (T, head_dim); the math runs in fp32."""
-    x32 = x.float()
+    """Rotate x (B, H, T, head_dim) by the tables (T, head_dim), in the tables' dtype or wider."""
+    xc = x.to(torch.promote_types(x.dtype, cos.dtype))
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x32[..., half:], x32[..., :half]], dim=-1)
-    return (x32 * cos + rotated * sin).to(x.dtype)
+    rotated = torch.cat([-xc[..., half:], xc[..., :half]], dim=-1)
+    return (xc * cos + rotated * sin).to(x.dtype)
 
 
 def chunk_mask(start, n_queries, n_keys, device):
@@ -304,16 +311,16 @@ class Transformer(nn.Module):
     def forward(self, tokens, cache, logits_for=slice(-1, None), return_hidden=False):
         """Run a chunk of tokens (B, T) at positions cache.length.. and append its keys and values.
 
-        Returns fp32 logits (B, len(logits_for), vocab) of the chunk positions selected by
-        logits_for (the last one by default; None for no logits). With return_hidden, returns
-        (logits, final hidden states (B, T, dim) after the last norm).
+        Returns logits (B, len(logits_for), vocab) in fp32 (fp64 for an fp64 model) of the chunk
+        positions selected by logits_for (the last one by default; None for no logits). With
+        return_hidden, returns (logits, final hidden states (B, T, dim) after the last norm).
         """
         B, T = tokens.shape
         start = cache.length
         if start + T > cache.max_len:
             raise ValueError(f"chunk of {T} tokens at position {start} overflows the cache of {cache.max_len} positions")
         positions = torch.arange(start, start + T, device=tokens.device)
-        cos, sin = rope_tables(positions, self.inv_freq)
+        cos, sin = rope_tables(positions, self.inv_freq, compute_dtype(self.dtype))
 
         h = self.embed_tokens(tokens)  # (B, T, dim)
         for i, layer in enumerate(self.layers):
@@ -321,7 +328,7 @@ class Transformer(nn.Module):
         h = self.norm(h)
         cache.length = start + T
 
-        logits = None if logits_for is None else self.lm_head(h[:, logits_for]).float()
+        logits = None if logits_for is None else self.lm_head(h[:, logits_for]).to(compute_dtype(self.dtype))
         return (logits, h) if return_hidden else logits
 
 

@@ -241,6 +241,19 @@ def test_fold_chunk_size_one(ours, text_ids):
     assert_cache_equal(cache, expected_cache, len(prompt), FOLD_ATOL, "fold cache, chunk_size 1")
 
 
+def test_fold_float64_matches_one_shot(builtin_dir, text_ids):
+    """In fp64 (norms, RoPE and logits included) the fold differs from one-shot only by fp64 rounding."""
+    ours64 = model.load(builtin_dir, dtype=torch.float64)
+    prompt = text_ids[:300]
+    expected_cache, expected_logits = one_shot(ours64, prompt)
+
+    cache, logits = kvfold.fold(ours64, prompt, chunk_size=64)
+
+    assert logits.dtype == torch.float64
+    assert_close(logits, expected_logits, 1e-10, "fp64 fold logits, chunk_size 64")
+    assert_cache_equal(cache, expected_cache, len(prompt), 1e-10, "fp64 fold cache, chunk_size 64")
+
+
 def test_fold_extends_existing_cache(ours, prompt_601, one_shot_601):
     expected_cache, expected_logits = one_shot_601
     part_a, part_b = prompt_601[:250], prompt_601[250:]
