@@ -402,6 +402,23 @@ def parse_args(argv=None):
     return args
 
 
+def min_prompt_tokens(tokenizer):
+    """Return the token count of a prompt with no filler, the shortest length build_prompt accepts."""
+    needle = NEEDLE.format(key="12345")
+    return len(tokenizer.encode(INTRO, bos=tokenizer.add_bos) + tokenizer.encode(" " + needle) + tokenizer.encode(QUESTION))
+
+
+def check_output_path(path, flag):
+    """Create the folder of an output file, so a long run cannot fail at its end for want of it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot create folder {folder}: {e.strerror}") from None
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"{flag} {path}: folder {folder} is not writable")
+
+
 def print_grid(args, model_args):
     n = len(args.lengths) * len(args.depths) * args.trials
     deepest = kvfold.num_steps(max(args.lengths), args.chunk_size) - 1
@@ -432,9 +449,19 @@ def main(argv=None):
         print_plan(model_args, args, max(args.lengths) + args.max_new_tokens, device)
         return
 
+    # Check everything that can fail before the model loads and trials run.
+    tokenizer = tok.load(args.checkpoint)
+    shortest = min_prompt_tokens(tokenizer)
+    if min(args.lengths) < shortest:
+        raise UsageError(f"--lengths: {min(args.lengths)} is too short, the prompt needs at least {shortest} tokens")
+    if args.plot:
+        if os.path.splitext(args.plot)[1].lower() not in (".png", ".pdf", ".svg"):
+            raise UsageError(f"--plot {args.plot}: give a .png, .pdf or .svg file name")
+        check_output_path(args.plot, "--plot")
     done = {}
     results_file = None
     if args.json:
+        check_output_path(args.json, "--json")
         done = {trial_key(r): r for r in load_results(args.json)}
         try:
             results_file = open_results(args.json)
@@ -443,7 +470,6 @@ def main(argv=None):
 
     start = time.perf_counter()
     model = llama.load(args.checkpoint, device=device, dtype=DTYPES[args.dtype])
-    tokenizer = tok.load(args.checkpoint)
     print(f"loaded {args.checkpoint} ({args.dtype}, {args.device}) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     print_plan(model_args, args, max(args.lengths) + args.max_new_tokens, device, loaded_weights=True)
 
@@ -497,6 +523,9 @@ def run():
     except (UsageError, llama.CheckpointError, tok.TokenizerError) as e:
         print(f"needle.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # before the first trial; the trial loop reports what it saved
+        print("\ninterrupted before any trial ran", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -232,3 +232,28 @@ def test_memory_plan_llama_8b_numbers():
     assert needle.memory.count_parameters(args) == 8_030_261_248  # Llama-3.1-8B's published parameter count
     assert plan["cache"] == 131072 * 32 * 8 * 128 * 2 * 2
     assert plan["weights"] == 2 * 8_030_261_248
+
+
+def test_output_folders_created(checkpoint, tmp_path):
+    results = tmp_path / "new" / "results.jsonl"
+    plot = tmp_path / "plots" / "heatmap.png"
+
+    run = run_needle("--lengths", "200", "--depths", "1", "--methods", "fold", "--max-new-tokens", "4",
+                     "--json", str(results), "--plot", str(plot))
+
+    assert run.returncode == 0, run.stderr
+    assert len(results.read_text().splitlines()) == 1
+    assert plot.exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lengths", "300,30"], "30 is too short, the prompt needs at least"),
+    (["--plot", "out.foo"], "give a .png, .pdf or .svg file name"),
+])
+def test_checked_before_trials(checkpoint, argv, message):
+    run = run_needle(*argv)
+
+    assert run.returncode == 2
+    assert message in run.stderr
+    assert "Traceback" not in run.stderr
+    assert "[1/" not in run.stderr, "a trial ran before the error"
