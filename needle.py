@@ -409,7 +409,7 @@ def min_prompt_tokens(tokenizer):
 
 
 def check_output_path(path, flag):
-    """Create the folder of an output file, so a long run cannot fail at its end for want of it."""
+    """Create the folder of an output file and check that it is writable, before any trial runs."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
