@@ -328,6 +328,10 @@ def main(argv=None):
         folder = os.path.dirname(os.path.abspath(args.save_cache))
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
             raise UsageError(f"--save-cache {args.save_cache}: folder {folder} is missing or not writable")
+        if os.path.isdir(args.save_cache):
+            raise UsageError(f"--save-cache {args.save_cache} is a folder; give a file name such as report.kv")
+    if args.load_cache and not os.path.isfile(args.load_cache):
+        raise UsageError(f"cache file {args.load_cache} not found")
 
     questions = [question_ids(tokenizer, q, template) for q in args.question] if args.question else None
     longest = max(map(len, questions)) if questions else INTERACTIVE_QUESTION_TOKENS
