@@ -208,9 +208,9 @@ def load_cache(model, path, expected, file_ids, room):
     with another format or other token ids than file_ids (when given), is rejected.
     """
     tensors, metadata = read_cache(path)
-    for key, what in (("model", "model"), ("dtype", "dtype"), ("format", "prompt format")):
+    for key, label in (("model", "model"), ("dtype", "dtype"), ("format", "prompt format")):
         if metadata[key] != expected[key]:
-            raise UsageError(f"cache file {path} was made with {what} {metadata[key]}, not {expected[key]}; "
+            raise UsageError(f"cache file {path} was made with {label} {metadata[key]}, not {expected[key]}; "
                              "fold the document again without --load-cache")
     ids = tensors["token_ids"].tolist()
     if file_ids is not None and ids != file_ids:

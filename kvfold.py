@@ -20,6 +20,12 @@ def num_steps(n_tokens, chunk_size):
     return -(-n_tokens // chunk_size)
 
 
+def as_batch(tokens, device):
+    """Return token ids (a list, or a tensor (T,) or (B, T)) as a tensor (B, T) on device."""
+    tokens = torch.as_tensor(tokens, device=device)
+    return tokens[None] if tokens.dim() == 1 else tokens  # (B=1, T) for a single prompt
+
+
 def step(model, cache, chunk):
     """Fold one chunk (B, C) into the cache; return the logits of its last position (B, vocab)."""
     return model(chunk, cache)[:, -1]
@@ -36,9 +42,7 @@ def fold(model, tokens, chunk_size, cache=None, on_step=None):
     Returns (cache, logits): the enlarged cache and the next-token logits (B, vocab) in fp32
     after the prompt's last token.
     """
-    tokens = torch.as_tensor(tokens, device=model.device)
-    if tokens.dim() == 1:
-        tokens = tokens[None]  # (B=1, T)
+    tokens = as_batch(tokens, model.device)
     n_tokens = tokens.shape[1]
     if n_tokens == 0:
         raise ValueError("fold needs at least one token")

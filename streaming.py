@@ -69,9 +69,7 @@ def stream(model, tokens, chunk_size, sinks=4, window=1024, extra=0):
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if extra < 0:
         raise ValueError(f"extra must be >= 0, got {extra}")
-    tokens = torch.as_tensor(tokens, device=model.device)
-    if tokens.dim() == 1:
-        tokens = tokens[None]  # (B=1, T)
+    tokens = kvfold.as_batch(tokens, model.device)
     n_tokens = tokens.shape[1]
     if n_tokens == 0:
         raise ValueError("the prompt is empty; stream needs at least one token")

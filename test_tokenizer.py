@@ -314,7 +314,7 @@ def test_special_ids_from_tokenizer_config(llama3_style, tmp_path):
 
 
 def test_add_bos_follows_checkpoint(llama3_style, tmp_path):
-    """add_bos is true when the post-processor prepends BOS, unless tokenizer_config.json says otherwise."""
+    """add_bos is true when the post-processor prepends BOS, unless tokenizer_config.json sets add_bos_token."""
     with_template = Tokenizer.from_str(llama3_style.to_str())
     with_template.post_processor = processors.TemplateProcessing(
         single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 0)])
