@@ -254,6 +254,44 @@ def test_fold_float64_matches_one_shot(builtin_dir, text_ids):
     assert_cache_equal(cache, expected_cache, len(prompt), 1e-10, "fp64 fold cache, chunk_size 64")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_linear_half_upcast_matches_native_kernel(dtype, monkeypatch):
+    """The fp32 path for half-precision linears rounds to the same value as torch's kernel, or its neighbour."""
+    torch.manual_seed(0)
+    layer = model.Linear(576, 1536).to(dtype)
+    x = torch.randn(64, 576).to(dtype)
+    expected = F.linear(x, layer.weight)
+    monkeypatch.setattr(model.Linear, "upcast_half_on_cpu", True)
+
+    actual = layer(x)
+
+    assert actual.dtype == dtype
+    step = torch.finfo(dtype).eps * expected.double().abs()  # the spacing of values near |expected|
+    excess = (actual.double() - expected.double()).abs() - step
+    max_diff, mean_diff = abs_diff_stats(actual, expected)
+    print(f"{dtype} upcast vs native: max abs diff {max_diff:.3g}, mean abs diff {mean_diff:.3g}")
+    assert excess.max().item() <= 1e-3 * expected.double().abs().max().item(), (
+        f"{dtype}: upcast differs from the native kernel by more than one step "
+        f"(max abs diff {max_diff:.3g}, mean abs diff {mean_diff:.3g})")
+
+
+def test_bf16_model_upcast_and_native_agree(builtin_dir, text_ids, monkeypatch):
+    """Whole bf16 model: the upcast path is as close to fp32 as torch's bf16 kernels are."""
+    bf16 = model.load(builtin_dir, dtype=torch.bfloat16)
+    fp32 = model.load(builtin_dir, dtype=torch.float32)
+    tokens = torch.tensor([text_ids[:200]])
+    with torch.inference_mode():
+        reference = fp32(tokens, fp32.new_cache(200), logits_for=slice(None))
+        errors = {}
+        for upcast in (False, True):
+            monkeypatch.setattr(model.Linear, "upcast_half_on_cpu", upcast)
+            logits = bf16(tokens, bf16.new_cache(200), logits_for=slice(None))
+            errors[upcast] = abs_diff_stats(logits, reference)
+    print("bf16 logits vs fp32, all 200 positions: native kernel max {:.3g} mean {:.3g}, upcast max {:.3g} mean {:.3g}"
+          .format(*errors[False], *errors[True]))
+    assert errors[True][1] <= 1.5 * errors[False][1], errors
+
+
 def test_fold_extends_existing_cache(ours, prompt_601, one_shot_601):
     expected_cache, expected_logits = one_shot_601
     part_a, part_b = prompt_601[:250], prompt_601[250:]
