@@ -138,17 +138,17 @@ def compute_dtype(dtype):
 
 
 def half_matmul_is_slow():
-    """True on CPUs whose torch kernels multiply bf16 and fp16 without matrix units (AVX2 only)."""
+    """Return True on CPUs without bf16 matrix instructions (AMX or AVX512-BF16), such as AVX2-only ones."""
     return not (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
 
 
 class Linear(nn.Linear):
-    """nn.Linear without bias that, on CPUs without bf16 units, multiplies bf16 and fp16 in fp32.
+    """Linear layer without bias that, on CPUs without bf16 units, multiplies bf16 and fp16 in fp32.
 
-    There torch's bf16 kernel ran at about a fifth of fp32's speed (19 against 100 GFLOP/s on 2
-    AVX2 cores). The product of two bf16 or fp16 numbers is exact in fp32, and the half-precision
-    kernels accumulate in fp32 too, so upcasting the operands and rounding the result back gives
-    the same numbers up to the order of summation (within one bf16 step in test_kvfold.py).
+    On 2 AVX2 cores torch's bf16 kernel ran at 19 GFLOP/s against 100 in fp32. The product of two
+    bf16 or fp16 numbers is exact in fp32, and the half-precision kernels accumulate in fp32 too.
+    So upcasting the operands and rounding the result back gives the same numbers up to the order
+    of summation: test_kvfold.py finds them equal or one rounding step apart.
     Below 4 rows (decoding) upcasting the weight costs more than it saves, so the native kernel runs.
     """
 
