@@ -40,11 +40,9 @@ import tokenizer as tok
 
 DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-# Sized for a 10-minute budget. The default run took 8 min 12 s on 2 cores of an AMD EPYC (AVX2,
-# no bf16 units, torch 2.13 CPU): a float64 reference, then a one-shot and two folds at fp32 and at
-# bf16. There a bf16 pass took 2-3x as long as an fp32 pass. 7000 tokens would take an estimated
-# 20 minutes or more there.
-DEFAULT_TOKENS = 3072
+# Sized for a 10-minute budget on 2 CPU cores: a float64 reference, then a one-shot and two folds at
+# fp32 and at bf16. See the README for the measured time.
+DEFAULT_TOKENS = 7168
 DEFAULT_CHUNK_SIZES = (256, 512)
 DEFAULT_DTYPES = ("fp32", "bf16")
 
@@ -194,7 +192,7 @@ def oneshot_drift(model, ref, tokens, chunk_sizes, dtype_name=None, piece=512):
 
 
 def measure(checkpoint, tokens, chunk_sizes, dtype_names, device="cpu", log=None):
-    """Return every fold and one-shot row for each dtype in dtype_names and each chunk size."""
+    """Yield the rows of each one-shot and fold pass, for each dtype in dtype_names and each chunk size."""
     log = log or (lambda message: None)
     began = time.perf_counter()
     model64 = llama.load(checkpoint, device=device, dtype=torch.float64)
@@ -202,18 +200,16 @@ def measure(checkpoint, tokens, chunk_sizes, dtype_names, device="cpu", log=None
     del model64  # ref keeps the cache, the hidden states and lm_head's weight
     log(f"float64 one-shot reference of {len(tokens)} tokens: {time.perf_counter() - began:.1f} s")
 
-    rows = []
     for name in dtype_names:
         model = llama.load(checkpoint, device=device, dtype=DTYPES[name])
         began = time.perf_counter()
-        rows += oneshot_drift(model, ref, tokens, chunk_sizes, name)
+        yield oneshot_drift(model, ref, tokens, chunk_sizes, name)
         log(f"{name} one-shot: {time.perf_counter() - began:.1f} s")
         for chunk_size in chunk_sizes:
             began = time.perf_counter()
-            rows += fold_drift(model, ref, tokens, chunk_size, name, log)
+            yield fold_drift(model, ref, tokens, chunk_size, name, log)
             log(f"{name} fold, chunk {chunk_size}: {time.perf_counter() - began:.1f} s")
         del model
-    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,6 +244,8 @@ def summarize(rows, dtype_names, chunk_sizes, metrics=("kv_err", "hidden_err", "
         for name in dtype_names:
             for chunk_size in chunk_sizes:
                 fold = series(rows, "fold", name, chunk_size, metric)
+                if not fold:  # a run interrupted before this fold
+                    continue
                 start, level = plateau(fold)
                 _, floor = plateau(series(rows, "oneshot", name, chunk_size, metric))
                 levels[metric, name, chunk_size] = level
@@ -261,6 +259,8 @@ def summarize(rows, dtype_names, chunk_sizes, metrics=("kv_err", "hidden_err", "
             lines.append(f"plateau level ratio {name} / {base}:")
             for metric in metrics:
                 for chunk_size in chunk_sizes:
+                    if (metric, name, chunk_size) not in levels or (metric, base, chunk_size) not in levels:
+                        continue
                     below = levels[metric, base, chunk_size]
                     ratio = f"{levels[metric, name, chunk_size] / below:.3g}" if below > 0 else "-"
                     lines.append(f"  {metric:<10} chunk {chunk_size:>5}: {ratio}")
@@ -334,10 +334,9 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoint", help="checkpoint folder (default: the built-in SmolLM2-135M-Instruct)")
     parser.add_argument("--text", help="UTF-8 text file to read (default: the seeded generated haystack)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated haystack (default 0)")
-    parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS,
-                        help=f"number of tokens to fold (default {DEFAULT_TOKENS}: the default run took about 8 minutes on "
-                             "a 2-core AVX2 CPU without bf16 units, and 7000 tokens would take an estimated 20 minutes "
-                             "or more there)")
+    parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="number of tokens to fold (default %(default)s)")
+    parser.add_argument("--allow-long", action="store_true",
+                        help="allow --tokens beyond the model's max_position_embeddings, where RoPE was not trained")
     parser.add_argument("--chunk-sizes", default=",".join(map(str, DEFAULT_CHUNK_SIZES)),
                         help="comma-separated chunk sizes in tokens (default %(default)s)")
     parser.add_argument("--dtypes", default=",".join(DEFAULT_DTYPES),
@@ -362,6 +361,10 @@ def parse_args(argv=None):
         raise UsageError(f"unknown --device {args.device!r}; use cpu or cuda")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda was requested but torch sees no CUDA device; use --device cpu")
+    if args.device.startswith("cuda") and "bf16" in args.dtypes and not torch.cuda.is_bf16_supported():
+        raise UsageError(f"--dtypes bf16: {torch.cuda.get_device_name(args.device)} does not support bf16; use fp16 or fp32")
+    if args.plot and not args.plot.lower().endswith(".png"):
+        raise UsageError(f"--plot {args.plot}: give a .png file name")
     return args
 
 
@@ -374,7 +377,14 @@ def main(argv=None):
         args.checkpoint = prepare.ensure_builtin(log=lambda m: print(m, file=sys.stderr))
     model_args = llama.read_config(args.checkpoint)
     if args.tokens > model_args.max_seq_len:
-        raise UsageError(f"--tokens {args.tokens} exceeds the model's {model_args.max_seq_len} trained positions; use fewer tokens")
+        if not args.allow_long:
+            raise UsageError(f"--tokens {args.tokens} exceeds the model's {model_args.max_seq_len} trained positions; "
+                             "use fewer tokens, or --allow-long to go beyond them")
+        print(f"warning: --tokens {args.tokens} exceeds the model's {model_args.max_seq_len} trained positions, "
+              "where RoPE was not trained", file=sys.stderr)
+    for path, flag in ((args.out, "--out"), (args.plot, "--plot")):
+        if path:
+            needle.check_output_path(path, flag)
 
     def log(message):
         print(message, file=sys.stderr, flush=True)
@@ -383,8 +393,20 @@ def main(argv=None):
     tokens = text_tokens(tok.load(args.checkpoint), args.tokens, text, args.seed)
     log(f"{len(tokens)} tokens from {args.text or 'the generated haystack'}; chunk sizes {args.chunk_sizes}, "
         f"dtypes {args.dtypes}, device {args.device}")
-    rows = measure(args.checkpoint, tokens, args.chunk_sizes, args.dtypes, args.device, log)
-    print(summarize(rows, args.dtypes, args.chunk_sizes))
+    rows = []
+    try:
+        for batch in measure(args.checkpoint, tokens, args.chunk_sizes, args.dtypes, args.device, log):
+            rows += batch
+    except KeyboardInterrupt:
+        if not rows:
+            raise
+        log(f"\ninterrupted; writing the {len(rows)} rows measured so far")
+        args.plot = None  # a partial grid leaves panels empty
+        interrupted = True
+    else:
+        interrupted = False
+    measured = [d for d in args.dtypes if any(r["dtype"] == d for r in rows)]
+    print(summarize(rows, measured, sorted({r["chunk_size"] for r in rows})))
     if args.out:
         config = {"checkpoint": args.checkpoint, "text": args.text, "seed": args.seed, "tokens": len(tokens),
                   "chunk_sizes": args.chunk_sizes, "dtypes": args.dtypes, "device": args.device}
@@ -394,6 +416,8 @@ def main(argv=None):
         plot_drift(rows, args.dtypes, args.chunk_sizes, args.plot)
         log(f"plot: {args.plot}")
     log(f"total {time.perf_counter() - began:.1f} s")
+    if interrupted:
+        sys.exit(130)
 
 
 def run():
@@ -402,6 +426,9 @@ def run():
     except (UsageError, llama.CheckpointError, tok.TokenizerError) as e:
         print(f"drift.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # before the first pass finished; main writes what was measured after that
+        print("\ninterrupted before any pass finished; nothing was measured", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -115,3 +115,35 @@ def test_bad_text_file(checkpoint, tmp_path, content, message):
     path.write_bytes(content)
     with pytest.raises(drift.UsageError, match=message):
         drift.main(["--checkpoint", checkpoint, "--text", str(path), "--tokens", "600", "--chunk-sizes", "256"])
+
+
+def test_interrupt_keeps_finished_passes(checkpoint, tmp_path, monkeypatch):
+    """Ctrl-C during the second fold writes the one-shot and first fold rows, then exits with 130."""
+    measured = drift.fold_drift
+    calls = []
+
+    def interrupt_second_fold(*args, **kwargs):
+        calls.append(args[3])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return measured(*args, **kwargs)
+
+    monkeypatch.setattr(drift, "fold_drift", interrupt_second_fold)
+    out = tmp_path / "drift.csv"
+
+    with pytest.raises(SystemExit) as exit_info:
+        drift.main(["--checkpoint", checkpoint, "--tokens", "400", "--chunk-sizes", "100,200", "--dtypes", "fp32",
+                    "--out", str(out)])
+
+    assert exit_info.value.code == 130
+    runs = [line.split(",")[:3] for line in out.read_text().splitlines()[1:]]
+    assert ["fold", "fp32", "100"] in runs
+    assert ["oneshot", "fp32", "100"] in runs
+    assert ["fold", "fp32", "200"] not in runs
+
+
+def test_unwritable_output_is_rejected_before_measuring(checkpoint, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(drift.UsageError, match="cannot create folder"):
+        drift.main(["--checkpoint", checkpoint, "--out", str(blocker / "drift.csv")])
