@@ -10,20 +10,20 @@ previous question and answer and the document is never folded twice.
     python ask.py --file REPORT.txt --load-cache report.kv --question "When?"
 """
 
-import argparse
 import hashlib
-import json
 import os
 import random
 import sys
 import time
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 import kvfold
+import memory
 import model as llama
+import needle
 import tokenizer as tok
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -50,8 +50,7 @@ AUTO_PREFERS_CHAT = True
 INTERACTIVE_QUESTION_TOKENS = 256
 
 
-class UsageError(Exception):
-    """Invalid arguments or input files; run() prints the message and exits with status 2."""
+UsageError = needle.UsageError  # invalid arguments or input files; run() prints the message and exits with status 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,31 +173,50 @@ def model_identity(checkpoint):
 
 
 def save_cache(path, cache, ids, metadata):
+    """Write the document's keys, values and token ids to path.
+
+    The file is written under a temporary name and renamed, so an interrupted write never leaves a
+    truncated cache file at path.
+    """
     n = len(ids)
     tensors = {"k": cache.k[:, :, :, :n].contiguous().cpu(), "v": cache.v[:, :, :, :n].contiguous().cpu(),
                "token_ids": torch.tensor(ids, dtype=torch.int64)}
+    partial = path + ".partial"
     try:
-        save_file(tensors, path, metadata=metadata)
+        save_file(tensors, partial, metadata=metadata)
+        os.replace(partial, path)
     except (OSError, SafetensorError) as e:
         raise UsageError(f"cannot write cache file {path}: {e}") from None
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
 
 
-def read_cache(path):
-    """Return (tensors, metadata) of a cache file, or raise UsageError if it is missing or invalid."""
+def read_cache_header(path, expected):
+    """Check a cache file's header against the metadata this run would write; return its document length in tokens.
+
+    Reads no tensor data, so a missing, invalid or mismatched file is rejected before the model
+    loads. A cache from another model or dtype, or with another prompt format, raises UsageError.
+    """
     try:
-        tensors = load_file(path)
-        with open(path, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            metadata = json.loads(f.read(header_len)).get("__metadata__", {})
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}
     except FileNotFoundError:
         raise UsageError(f"cache file {path} not found") from None
-    except (OSError, SafetensorError, ValueError) as e:
+    except (OSError, SafetensorError) as e:
         raise UsageError(f"cache file {path} is not a valid safetensors file ({e})") from None
-    missing = [name for name in ("k", "v", "token_ids") if name not in tensors]
+    missing = [name for name in ("k", "v", "token_ids") if name not in shapes]
     missing += [key for key in ("model", "dtype", "chunk_size", "format") if key not in metadata]
     if missing:
         raise UsageError(f"cache file {path} is missing {', '.join(missing)}; save it again with --save-cache")
-    return tensors, metadata
+    for key, label in (("model", "model"), ("dtype", "dtype"), ("format", "prompt format")):
+        if metadata[key] != expected[key]:
+            raise UsageError(f"cache file {path} was made with {label} {metadata[key]}, not {expected[key]}; "
+                             "fold the document again without --load-cache")
+    if len(shapes["token_ids"]) != 1:
+        raise UsageError(f"cache file {path} has token_ids of shape {tuple(shapes['token_ids'])}; save it again with --save-cache")
+    return shapes["token_ids"][0]
 
 
 def load_cache(model, path, expected, file_ids, room):
@@ -207,11 +225,11 @@ def load_cache(model, path, expected, file_ids, room):
     expected contains the metadata this run would write. A cache from another model or dtype, or
     with another format or other token ids than file_ids (when given), is rejected.
     """
-    tensors, metadata = read_cache(path)
-    for key, label in (("model", "model"), ("dtype", "dtype"), ("format", "prompt format")):
-        if metadata[key] != expected[key]:
-            raise UsageError(f"cache file {path} was made with {label} {metadata[key]}, not {expected[key]}; "
-                             "fold the document again without --load-cache")
+    read_cache_header(path, expected)
+    try:
+        tensors = load_file(path)
+    except (OSError, SafetensorError) as e:
+        raise UsageError(f"cache file {path} is not a valid safetensors file ({e})") from None
     ids = tensors["token_ids"].tolist()
     if file_ids is not None and ids != file_ids:
         raise UsageError(f"cache file {path} contains other token ids than --file; use the file it was saved from, or drop --load-cache to fold --file again")
@@ -229,29 +247,12 @@ def load_cache(model, path, expected, file_ids, room):
 # Command line
 
 
-def read_document(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise UsageError(f"file {path} not found") from None
-    except UnicodeDecodeError:
-        raise UsageError(f"file {path} is not UTF-8 text; convert it, e.g. with iconv") from None
-    except OSError as e:
-        raise UsageError(f"cannot read file {path}: {e.strerror}") from None
-    if not text.strip():
-        raise UsageError(f"file {path} contains no text")
-    return text
-
-
 EXAMPLE_FACTS = ("The lighthouse keeper's name is Marta Olsen.", "The annual budget was 4.2 million euros.")
 EXAMPLE_QUESTIONS = ("What is the lighthouse keeper's name?", "What was the annual budget?")
 
 
 def example_document(n_sentences=60, seed=0):
     """Return generated filler sentences (about 1000 tokens) with EXAMPLE_FACTS at one and two thirds."""
-    import needle
-
     filler = needle.haystack_sentences(random.Random(seed))
     sentences = [next(filler).strip() for _ in range(n_sentences)]
     sentences.insert(2 * n_sentences // 3, EXAMPLE_FACTS[1])
@@ -260,7 +261,7 @@ def example_document(n_sentences=60, seed=0):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = needle.ArgumentParser(
         description="Fold a long document into a KV cache once and answer questions about it.",
         epilog=f"--format auto picks chat for a checkpoint with a chat template. Measured on the built-in "
                f"SmolLM2-135M-Instruct (about 2000 tokens, 3 planted facts): {AUTO_MEASUREMENT}.")
@@ -278,6 +279,9 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", choices=DTYPES, help="weights and cache dtype (default: bf16 on cuda, fp32 on cpu)")
     parser.add_argument("--save-cache", metavar="PATH", help="write the folded document to a safetensors file")
     parser.add_argument("--load-cache", metavar="PATH", help="read the folded document from a --save-cache file instead of folding it")
+    parser.add_argument("--allow-long", action="store_true",
+                        help="allow a document and questions beyond the model's max_position_embeddings, "
+                             "where RoPE was not trained (prints a warning)")
     args = parser.parse_args(argv)
     if args.dtype is None:
         args.dtype = "fp32" if args.device == "cpu" else "bf16"
@@ -288,10 +292,7 @@ def parse_args(argv=None):
     for name in ("chunk_size", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.device not in ("cpu", "cuda"):
-        raise UsageError(f"unknown --device {args.device!r}; use cpu or cuda")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was requested but torch sees no CUDA device; use --device cpu")
+    needle.check_device(args.device, [args.dtype])
     return args
 
 
@@ -306,66 +307,105 @@ def read_questions():
         yield line.strip()
 
 
+def check_inputs(args, text):
+    """Check everything that can fail before the model loads; return what the run needs.
+
+    Returns (tokenizer, template, document ids or None with --load-cache alone, question ids or
+    None for stdin questions, room after the document, cache metadata).
+    """
+    model_args = llama.read_config(args.checkpoint)
+    llama.check_weights(args.checkpoint, model_args)
+    tokenizer = tok.load(args.checkpoint)
+    template = resolve_format(tokenizer, args.format)
+    metadata = {"model": model_identity(args.checkpoint), "dtype": args.dtype,
+                "chunk_size": str(args.chunk_size), "format": template}
+    file_ids = document_ids(tokenizer, text, template) if text is not None else None
+    if args.save_cache:
+        needle.check_output_path(args.save_cache, "--save-cache", create_folder=False)
+    if args.load_cache:
+        doc_len = read_cache_header(args.load_cache, metadata)
+        if file_ids is not None and doc_len != len(file_ids):
+            raise UsageError(f"cache file {args.load_cache} contains {doc_len} document tokens, but --file {args.file} "
+                             f"has {len(file_ids)}; use the file it was saved from, or drop --load-cache to fold --file again")
+    else:
+        doc_len = len(file_ids)
+
+    max_positions = model_args.max_seq_len
+    needle.check_length(doc_len, max_positions, args.allow_long, f"the document ({doc_len} tokens)")
+    questions = [question_ids(tokenizer, q, template) for q in args.question] if args.question else None
+    longest = max(map(len, questions)) if questions else INTERACTIVE_QUESTION_TOKENS
+    room = longest + args.max_new_tokens
+    if questions:
+        needle.check_length(doc_len + room, max_positions, args.allow_long,
+                            f"the document, the longest question and --max-new-tokens ({doc_len + room} tokens)")
+
+    device = torch.device(args.device)
+    dtype_bytes = torch.empty((), dtype=DTYPES[args.dtype]).element_size()
+    plan = memory.plan(model_args, "fold", doc_len + room, args.chunk_size, dtype_bytes)
+    needle.check_fits(sum(plan.values()), memory.free_bytes(device), device,
+                      "use a shorter document, a lower --max-new-tokens or a smaller --chunk-size")
+    return tokenizer, template, file_ids, questions, room, metadata
+
+
+def answer_all(model, tokenizer, cache, doc_len, pending, args, stops):
+    """Answer each question (token ids) from pending after the document's cached doc_len positions, streaming to stdout."""
+    max_positions = model.args.max_seq_len
+    for q_ids in pending:
+        needed = len(q_ids) + args.max_new_tokens
+        if doc_len + needed > max_positions:
+            message = (f"the document and this question need {doc_len + needed} positions, "
+                       f"more than the model's {max_positions}")
+            if not args.allow_long:
+                print(f"ask.py: error: {message}; ask a shorter question, lower --max-new-tokens or pass --allow-long",
+                      file=sys.stderr)
+                continue
+            print(f"warning: {message}; RoPE was not trained there, so expect worse results (--allow-long)", file=sys.stderr)
+        cache = ensure_room(model, cache, doc_len, needed)
+        stream_text(tokenizer, answer(model, cache, doc_len, q_ids, args.chunk_size, args.max_new_tokens, stops), stops)
+        print(flush=True)
+
+
 def main(argv=None):
     args = parse_args(argv)
-    text = read_document(args.file) if args.file else None
+    text = needle.read_text_file(args.file, "--file") if args.file else None
     if args.example:
         text = example_document()
         args.question = args.question or list(EXAMPLE_QUESTIONS)
     if args.checkpoint is None:
-        import prepare
-
-        args.checkpoint = prepare.ensure_builtin(log=lambda m: print(m, file=sys.stderr))
-    tokenizer = tok.load(args.checkpoint)
-    template = resolve_format(tokenizer, args.format)
-    stops = stop_ids(tokenizer)
-    max_positions = llama.read_config(args.checkpoint).max_seq_len
-    file_ids = document_ids(tokenizer, text, template) if text is not None else None
-    if file_ids is not None and len(file_ids) >= max_positions:
-        raise UsageError(f"--file {args.file} has {len(file_ids)} tokens, more than the model's {max_positions} positions; shorten it")
-
-    if args.save_cache:
-        folder = os.path.dirname(os.path.abspath(args.save_cache))
-        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-            raise UsageError(f"--save-cache {args.save_cache}: folder {folder} is missing or not writable")
-        if os.path.isdir(args.save_cache):
-            raise UsageError(f"--save-cache {args.save_cache} is a folder; give a file name such as report.kv")
-    if args.load_cache and not os.path.isfile(args.load_cache):
-        raise UsageError(f"cache file {args.load_cache} not found")
-
-    questions = [question_ids(tokenizer, q, template) for q in args.question] if args.question else None
-    longest = max(map(len, questions)) if questions else INTERACTIVE_QUESTION_TOKENS
-    room = longest + args.max_new_tokens
+        args.checkpoint = needle.builtin_checkpoint()
+    tokenizer, template, file_ids, questions, room, metadata = check_inputs(args, text)
 
     start = time.perf_counter()
     model = llama.load(args.checkpoint, device=torch.device(args.device), dtype=DTYPES[args.dtype])
     print(f"loaded {args.checkpoint} ({args.dtype}, {args.device}) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
-    metadata = {"model": model_identity(args.checkpoint), "dtype": args.dtype,
-                "chunk_size": str(args.chunk_size), "format": template}
-    if args.load_cache:
-        cache, ids = load_cache(model, args.load_cache, metadata, file_ids, room)
-        print(f"loaded {len(ids)} document tokens from {args.load_cache}", file=sys.stderr)
-    else:
-        ids = file_ids
-        start = time.perf_counter()
-        cache = fold_document(model, ids, args.chunk_size, room, log=lambda m: print(f"\r{m}", end="", file=sys.stderr, flush=True))
-        print(f"\nfolded {len(ids)} tokens in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    if args.save_cache:
-        save_cache(args.save_cache, cache, ids, metadata)
-        print(f"saved the folded document to {args.save_cache}", file=sys.stderr)
+    saved = None
+    try:
+        if args.load_cache:
+            cache, ids = load_cache(model, args.load_cache, metadata, file_ids, room)
+            print(f"loaded {len(ids)} document tokens from {args.load_cache}", file=sys.stderr)
+        else:
+            ids = file_ids
+            start = time.perf_counter()
+            cache = fold_document(model, ids, args.chunk_size, room, log=lambda m: print(f"\r{m}", end="", file=sys.stderr, flush=True))
+            print(f"\nfolded {len(ids)} tokens in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        if args.save_cache:
+            save_cache(args.save_cache, cache, ids, metadata)
+            saved = args.save_cache
+            print(f"saved the folded document to {args.save_cache}", file=sys.stderr)
 
-    doc_len = len(ids)
-    pending = iter(questions) if questions else (question_ids(tokenizer, q, template) for q in read_questions())
-    for q_ids in pending:
-        needed = len(q_ids) + args.max_new_tokens
-        if doc_len + needed > max_positions:
-            print(f"ask.py: error: the document and this question need {doc_len + needed} positions, "
-                  f"more than the model's {max_positions}; ask a shorter question or lower --max-new-tokens", file=sys.stderr)
-            continue
-        cache = ensure_room(model, cache, doc_len, needed)
-        stream_text(tokenizer, answer(model, cache, doc_len, q_ids, args.chunk_size, args.max_new_tokens, stops), stops)
-        print(flush=True)
+        stops = stop_ids(tokenizer)
+        pending = iter(questions) if questions else (question_ids(tokenizer, q, template) for q in read_questions())
+        answer_all(model, tokenizer, cache, len(ids), pending, args, stops)
+    except KeyboardInterrupt:
+        if saved:
+            summary = f"the folded document is saved in {saved}; reuse it with --load-cache {saved}"
+        elif args.save_cache:
+            summary = f"the folded document was not saved to {args.save_cache} yet"
+        else:
+            summary = "nothing was saved; pass --save-cache PATH to keep the folded document"
+        print(f"\ninterrupted; {summary}", file=sys.stderr)
+        sys.exit(130)
 
 
 def run():
@@ -374,8 +414,8 @@ def run():
     except (UsageError, llama.CheckpointError, tok.TokenizerError) as e:
         print(f"ask.py: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # while checking inputs or loading the model; main() reports later interrupts
+        print("\ninterrupted before the document was folded; nothing was saved", file=sys.stderr)
         sys.exit(130)
 
 

@@ -30,6 +30,13 @@ class CheckpointError(Exception):
 # Config
 
 
+# Names of the expected kinds in config.json type errors, and the config.json key of each ModelArgs field.
+KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list", dict: "an object"}
+CONFIG_KEYS = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+               "n_kv_heads": "num_key_value_heads", "head_dim": "head_dim", "hidden_dim": "intermediate_size",
+               "vocab_size": "vocab_size", "max_seq_len": "max_position_embeddings"}
+
+
 @dataclass
 class ModelArgs:
     dim: int
@@ -49,45 +56,67 @@ class ModelArgs:
 
     @classmethod
     def from_config(cls, cfg, source="config.json"):
-        """Build the args from a Hugging Face config dict, rejecting what this file does not implement."""
+        """Build the args from a Hugging Face config dict, rejecting what this file does not implement.
+
+        Every field is type-checked before use, so a malformed config.json raises CheckpointError
+        naming the field instead of failing later inside torch.
+        """
+
+        def invalid(message):
+            return CheckpointError(f"{source}: {message}; correct config.json or download the checkpoint again")
+
+        def number(value, name):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise invalid(f"{name} must be a number, got {value!r}")
+            return float(value)
 
         def get(key, kind, default=None):
             value = cfg.get(key, default)
             if value is None:
                 return None
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                return float(value)
+            if kind is float:
+                return number(value, key)
             if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
-                raise CheckpointError(f"{source}: {key} must be {kind.__name__}, got {value!r}")
+                raise invalid(f"{key} must be {KIND_NAMES[kind]}, got {value!r}")
             return value
 
-        archs = cfg.get("architectures") or []
-        if cfg.get("model_type") != "llama" and "LlamaForCausalLM" not in archs:
+        model_type = get("model_type", str)
+        archs = get("architectures", list) or []
+        if not all(isinstance(name, str) for name in archs):
+            raise invalid(f"architectures must be a list of class names, got {archs!r}")
+        if model_type != "llama" and "LlamaForCausalLM" not in archs:
             raise CheckpointError(
-                f"{source}: unsupported architecture {archs or cfg.get('model_type')!r}; "
+                f"{source}: unsupported architecture {archs or model_type!r}; "
                 "this implementation runs Llama models (LlamaForCausalLM) only")
         for key in ("attention_bias", "mlp_bias"):
-            if cfg.get(key):
+            if get(key, bool):
                 raise CheckpointError(f"{source}: {key}=true is not supported (Llama-3.1 has no biases)")
-        if cfg.get("hidden_act", "silu") != "silu":
+        if get("hidden_act", str, "silu") != "silu":
             raise CheckpointError(f"{source}: hidden_act {cfg['hidden_act']!r} is not supported, only 'silu'")
 
         # Recent transformers versions write RoPE settings under rope_parameters; Llama-3.1
         # downloads keep rope_theta and rope_scaling at the top level.
-        rope = dict(cfg.get("rope_parameters") or {})
-        theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
-        scaling = rope if rope else cfg.get("rope_scaling")
-        if scaling is not None and not isinstance(scaling, dict):
-            raise CheckpointError(f"{source}: rope_scaling must be an object, got {scaling!r}")
+        rope = dict(get("rope_parameters", dict) or {})
+        theta = rope.pop("rope_theta", None)
+        theta = get("rope_theta", float, 10000.0) if theta is None else number(theta, "rope_parameters.rope_theta")
+        if theta <= 0:
+            raise invalid(f"rope_theta must be positive, got {theta}")
+        scaling_key = "rope_parameters" if rope else "rope_scaling"
+        scaling = rope if rope else get("rope_scaling", dict)
         rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
         if rope_type == "default":
             scaling = None
         elif rope_type == "llama3":
             needed = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-            missing = [k for k in needed if not isinstance(scaling.get(k), (int, float))]
+            missing = [k for k in needed if scaling.get(k) is None]
             if missing:
-                raise CheckpointError(f"{source}: llama3 rope scaling is missing numeric {', '.join(missing)}")
-            scaling = {k: float(scaling[k]) for k in needed}
+                raise invalid(f"llama3 rope scaling is missing {', '.join(missing)}")
+            scaling = {k: number(scaling[k], f"{scaling_key}.{k}") for k in needed}
+            if min(scaling.values()) <= 0:
+                raise invalid(f"{scaling_key} values must be positive, got {scaling}")
+            # rope_frequencies divides by high_freq_factor - low_freq_factor.
+            if scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+                raise invalid(f"{scaling_key}.high_freq_factor must exceed low_freq_factor, got {scaling}")
         else:
             raise CheckpointError(
                 f"{source}: rope_type {rope_type!r} is not supported; only 'llama3' scaling or none is implemented")
@@ -102,6 +131,8 @@ class ModelArgs:
             eos_ids = tuple(eos)
         else:
             eos_ids = (eos,)
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in eos_ids):
+            raise invalid(f"eos_token_id must be a token id or a list of token ids, got {eos!r}")
         args = cls(
             dim=dim,
             n_layers=get("num_hidden_layers", int),
@@ -111,20 +142,26 @@ class ModelArgs:
             hidden_dim=get("intermediate_size", int),
             vocab_size=get("vocab_size", int),
             norm_eps=get("rms_norm_eps", float, 1e-5),
-            rope_theta=float(theta),
+            rope_theta=theta,
             max_seq_len=get("max_position_embeddings", int, 2048),
             tie_word_embeddings=get("tie_word_embeddings", bool, False),
             rope_scaling=scaling,
             bos_id=get("bos_token_id", int, None),
             eos_ids=eos_ids,
         )
-        for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "vocab_size"):
+        for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "vocab_size", "max_seq_len"):
             if not isinstance(getattr(args, key), int) or getattr(args, key) <= 0:
-                raise CheckpointError(f"{source}: missing or invalid {key} ({getattr(args, key)!r})")
+                raise invalid(f"missing or invalid {CONFIG_KEYS[key]} ({getattr(args, key)!r}), it must be a positive integer")
+        if args.norm_eps <= 0:
+            raise invalid(f"rms_norm_eps must be positive, got {args.norm_eps}")
         if n_heads % n_kv_heads:
-            raise CheckpointError(f"{source}: num_attention_heads {n_heads} is not a multiple of num_key_value_heads {n_kv_heads}")
+            raise invalid(f"num_attention_heads {n_heads} is not a multiple of num_key_value_heads {n_kv_heads}")
         if args.head_dim % 2:
-            raise CheckpointError(f"{source}: head_dim {args.head_dim} must be even for RoPE")
+            raise invalid(f"head_dim {args.head_dim} must be even for RoPE")
+        special = [("bos_token_id", args.bos_id)] if args.bos_id is not None else []
+        for key, token_id in special + [("eos_token_id", i) for i in eos_ids]:
+            if not 0 <= token_id < args.vocab_size:
+                raise invalid(f"{key} {token_id} is outside the vocabulary of {args.vocab_size} tokens")
         return args
 
 
@@ -154,8 +191,8 @@ class Linear(nn.Linear):
 
     upcast_half_on_cpu = half_matmul_is_slow()
 
-    def __init__(self, in_features, out_features):
-        super().__init__(in_features, out_features, bias=False)
+    def __init__(self, in_features, out_features, device=None):
+        super().__init__(in_features, out_features, bias=False, device=device)
 
     def forward(self, x):
         if (self.upcast_half_on_cpu and x.dtype in (torch.bfloat16, torch.float16)
@@ -165,10 +202,10 @@ class Linear(nn.Linear):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim, eps):
+    def __init__(self, dim, eps, device=None):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(dim, device=device))
 
     def forward(self, x):
         # Normalise in fp32 (fp64 for an fp64 model), as the reference does, then scale in the
@@ -247,13 +284,13 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, args):
+    def __init__(self, args, device=None):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.q_proj = Linear(args.dim, args.n_heads * args.head_dim)
-        self.k_proj = Linear(args.dim, args.n_kv_heads * args.head_dim)
-        self.v_proj = Linear(args.dim, args.n_kv_heads * args.head_dim)
-        self.o_proj = Linear(args.n_heads * args.head_dim, args.dim)
+        self.q_proj = Linear(args.dim, args.n_heads * args.head_dim, device)
+        self.k_proj = Linear(args.dim, args.n_kv_heads * args.head_dim, device)
+        self.v_proj = Linear(args.dim, args.n_kv_heads * args.head_dim, device)
+        self.o_proj = Linear(args.n_heads * args.head_dim, args.dim, device)
 
     def forward(self, x, cos, sin, cache_k, cache_v, start):
         B, T, _ = x.shape
@@ -281,23 +318,23 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, args):
+    def __init__(self, args, device=None):
         super().__init__()
-        self.gate_proj = Linear(args.dim, args.hidden_dim)
-        self.up_proj = Linear(args.dim, args.hidden_dim)
-        self.down_proj = Linear(args.hidden_dim, args.dim)
+        self.gate_proj = Linear(args.dim, args.hidden_dim, device)
+        self.up_proj = Linear(args.dim, args.hidden_dim, device)
+        self.down_proj = Linear(args.hidden_dim, args.dim, device)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
-    def __init__(self, args):
+    def __init__(self, args, device=None):
         super().__init__()
-        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
-        self.self_attn = Attention(args)
-        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
-        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps, device)
+        self.self_attn = Attention(args, device)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps, device)
+        self.mlp = MLP(args, device)
 
     def forward(self, x, cos, sin, cache_k, cache_v, start):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache_k, cache_v, start)
@@ -311,13 +348,16 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """Llama decoder. Submodule names equal the checkpoint's names without the "model." prefix."""
 
-    def __init__(self, args):
+    def __init__(self, args, device=None):
         super().__init__()
         self.args = args
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
-        self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.lm_head = Linear(args.dim, args.vocab_size)
+        # On the meta device an explicit weight skips the random init, which there imports torch._dynamo
+        # (about 80 MiB and 800 modules).
+        meta_weight = torch.empty(args.vocab_size, args.dim, device="meta") if str(device) == "meta" else None
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim, device=device, _weight=meta_weight)
+        self.layers = nn.ModuleList(Block(args, device) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps, device)
+        self.lm_head = Linear(args.dim, args.vocab_size, device)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         # A plain attribute, not a buffer: Module.to(dtype) would round a buffer to bf16.
@@ -362,6 +402,10 @@ class Transformer(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Loading
 
+# Weight dtypes in safetensors headers that load() converts to the model dtype. Integer tensors
+# would be quantized weights, which need scales this loader does not read.
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
 
 def checkpoint_to_module_name(name):
     """Map a Hugging Face tensor name to this file's parameter name.
@@ -373,15 +417,26 @@ def checkpoint_to_module_name(name):
 
 
 def weight_files(checkpoint_dir):
-    """Return the safetensors files of a checkpoint: the index's shards, or model.safetensors."""
+    """Return the safetensors files of a checkpoint: the index's shards, or model.safetensors.
+
+    Pickled weights (.bin, .pth, .pt) are never read, because unpickling can run code.
+    """
     index_path = os.path.join(checkpoint_dir, "model.safetensors.index.json")
     if os.path.exists(index_path):
         try:
             with open(index_path, encoding="utf-8") as f:
                 weight_map = json.load(f)["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except OSError as e:
+            raise CheckpointError(f"cannot read {index_path}: {e.strerror}") from None
+        except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index_path}: invalid index ({e}); download it again") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+            raise CheckpointError(f"{index_path}: weight_map must map tensor names to shard file names; download it again")
         files = sorted(set(weight_map.values()))
+        # Shards must be files in the checkpoint folder, so an index cannot point the loader elsewhere.
+        outside = [name for name in files if os.path.basename(name) != name or name in ("", ".", "..")]
+        if outside:
+            raise CheckpointError(f"{index_path}: shard {outside[0]!r} is not a file name inside the checkpoint folder")
         missing = [name for name in files if not os.path.isfile(os.path.join(checkpoint_dir, name))]
         if missing:
             raise CheckpointError(f"{checkpoint_dir}: shard {missing[0]} named in the index is missing; download it again")
@@ -389,40 +444,56 @@ def weight_files(checkpoint_dir):
     single = os.path.join(checkpoint_dir, "model.safetensors")
     if os.path.isfile(single):
         return [single]
+    pickled = sorted(name for name in os.listdir(checkpoint_dir) if name.endswith((".bin", ".pth", ".pt")))
+    if pickled:
+        raise CheckpointError(
+            f"{checkpoint_dir} contains {pickled[0]} but no model.safetensors; this loader reads safetensors only, "
+            "because unpickling can run code. Convert the weights, e.g. with transformers' save_pretrained")
     raise CheckpointError(
         f"{checkpoint_dir}: no model.safetensors or model.safetensors.index.json found; "
         "this loader reads safetensors weights only")
 
 
 def read_config(checkpoint_dir):
+    """Return the ModelArgs of a checkpoint folder's config.json, or raise CheckpointError."""
     if not os.path.isdir(checkpoint_dir):
-        raise CheckpointError(f"checkpoint folder {checkpoint_dir} not found; pass --checkpoint with a Hugging Face model folder")
+        problem = "is not a folder" if os.path.exists(checkpoint_dir) else "not found"
+        raise CheckpointError(f"checkpoint folder {checkpoint_dir} {problem}; pass --checkpoint with a Hugging Face model folder")
     path = os.path.join(checkpoint_dir, "config.json")
     try:
         with open(path, encoding="utf-8") as f:
             cfg = json.load(f)
     except FileNotFoundError:
         raise CheckpointError(f"{path} not found; a Hugging Face checkpoint folder needs its config.json") from None
-    except ValueError as e:
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
+    except ValueError as e:  # also UnicodeDecodeError
         raise CheckpointError(f"{path} is not valid JSON ({e}); download it again") from None
     if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path} must contain a JSON object")
+        raise CheckpointError(f"{path} must contain a JSON object; download it again")
     return ModelArgs.from_config(cfg, source=path)
 
 
-def load(checkpoint_dir, device="cpu", dtype=torch.bfloat16):
-    """Load a Llama checkpoint folder (config.json + safetensors) and return the model in eval mode."""
+def expected_shapes(args):
+    """Return {parameter name: shape} of the tensors a checkpoint for args must contain."""
+    model = Transformer(args, device="meta")
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
+    if args.tie_word_embeddings:
+        shapes.pop("lm_head.weight")
+    return shapes
+
+
+def check_weights(checkpoint_dir, args):
+    """Check every tensor's name, shape and dtype against args; return {parameter name: (file, tensor name)}.
+
+    Reads only the safetensors headers, so a truncated, incomplete or mismatched checkpoint is
+    rejected before any weight is loaded. Raises CheckpointError naming the file and tensor.
+    """
     from safetensors import SafetensorError, safe_open
 
-    args = read_config(checkpoint_dir)
     files = weight_files(checkpoint_dir)
-    with torch.device("meta"):
-        model = Transformer(args)
-    expected = {name: p for name, p in model.named_parameters(remove_duplicate=False)}
-    if args.tie_word_embeddings:
-        expected.pop("lm_head.weight")
-
-    state = {}
+    expected = expected_shapes(args)
+    found = {}
     for path in files:
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
@@ -431,17 +502,54 @@ def load(checkpoint_dir, device="cpu", dtype=torch.bfloat16):
                     if name not in expected:
                         if args.tie_word_embeddings and name == "lm_head.weight":
                             continue  # some tied checkpoints store the shared matrix twice
-                        raise CheckpointError(f"{path}: unexpected tensor {key}; is this a Llama checkpoint?")
-                    tensor = f.get_tensor(key)
-                    if tuple(tensor.shape) != tuple(expected[name].shape):
+                        raise CheckpointError(f"{path}: unexpected tensor {key}; is this a Llama checkpoint matching its config.json?")
+                    if name in found:
+                        raise CheckpointError(f"{path}: tensor {key} is also in {found[name][0]}; download the checkpoint again")
+                    header = f.get_slice(key)
+                    shape = tuple(header.get_shape())
+                    if shape != expected[name]:
                         raise CheckpointError(
-                            f"{path}: {key} has shape {tuple(tensor.shape)}, config.json implies {tuple(expected[name].shape)}")
-                    state[name] = tensor.to(device=device, dtype=dtype)
+                            f"{path}: {key} has shape {shape}, config.json implies {expected[name]}; "
+                            "the weights do not belong to this config.json")
+                    if header.get_dtype() not in FLOAT_DTYPES:
+                        raise CheckpointError(
+                            f"{path}: {key} has dtype {header.get_dtype()}, but only floating-point weights "
+                            f"({', '.join(FLOAT_DTYPES)}) are supported; use an unquantized checkpoint")
+                    found[name] = (path, key)
         except SafetensorError as e:
             raise CheckpointError(f"{path} is not a readable safetensors file ({e}); download it again") from None
-    missing = sorted(set(expected) - set(state))
+        except OSError as e:
+            raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
+    missing = sorted(set(expected) - set(found))
     if missing:
-        raise CheckpointError(f"{checkpoint_dir}: {len(missing)} tensors missing from the weights, first {missing[0]}")
+        first = missing[0] if missing[0] == "lm_head.weight" else "model." + missing[0]
+        raise CheckpointError(
+            f"{checkpoint_dir}: the weights lack {len(missing)} of the tensors config.json implies, first {first}; "
+            "download the checkpoint again")
+    return found
+
+
+def load(checkpoint_dir, device="cpu", dtype=torch.bfloat16):
+    """Load a Llama checkpoint folder (config.json + safetensors) and return the model in eval mode."""
+    from safetensors import SafetensorError, safe_open
+
+    args = read_config(checkpoint_dir)
+    found = check_weights(checkpoint_dir, args)
+    # Parameters on the meta device take no memory until load_state_dict assigns the real tensors.
+    # The device argument, unlike a `with torch.device(...)` block, does not import torch._dynamo.
+    model = Transformer(args, device="meta")
+
+    by_file = {}
+    for name, (path, key) in found.items():
+        by_file.setdefault(path, []).append((name, key))
+    state = {}
+    for path, names in by_file.items():
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for name, key in names:
+                    state[name] = f.get_tensor(key).to(device=device, dtype=dtype)
+        except SafetensorError as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file ({e}); download it again") from None
 
     model.load_state_dict(state, strict=False, assign=True)
     if args.tie_word_embeddings:

@@ -70,7 +70,133 @@ TAILS = ["and nobody seemed to mind.", "while the carts rolled past.", "as the f
 
 
 class UsageError(Exception):
-    """Invalid arguments or input files; main() prints the message and exits with status 2."""
+    """Invalid arguments or input files; run() prints the message and exits with status 2."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks shared by the command-line scripts
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An argparse parser that reports an invalid argument in one line, without the usage text, and exits with status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
+def read_text_file(path, label):
+    """Return the contents of a UTF-8 text file; raise UsageError if it is missing, unreadable, not UTF-8 or blank.
+
+    label names the file in messages, e.g. "haystack file".
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise UsageError(f"{label} {path} not found; check the path") from None
+    except IsADirectoryError:
+        raise UsageError(f"{label} {path} is a folder; give a text file") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{label} {path} is not UTF-8 text (invalid byte at offset {e.start}); convert it, e.g. with iconv -t UTF-8") from None
+    except OSError as e:
+        raise UsageError(f"cannot read {label} {path}: {e.strerror}") from None
+    if not text.strip():
+        raise UsageError(f"{label} {path} contains no text; give a file with text in it")
+    return text
+
+
+def check_device(name, dtype_names, dtype_flag="--dtype"):
+    """Return torch.device(name) after checking that it exists and runs every dtype in dtype_names; raise UsageError if not.
+
+    CPUs run fp64, fp32, bf16 and fp16. On CUDA, bf16 needs torch.cuda.is_bf16_supported().
+    """
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UsageError(f"unknown --device {name!r}; use cpu, cuda or cuda:N")
+    if device.type == "cpu":
+        return device
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {name} was requested but torch sees no CUDA device; use --device cpu")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise UsageError(f"--device {name}: torch sees {count} CUDA devices, numbered from 0")
+    if "bf16" in dtype_names:
+        if device.index is None:
+            supported = torch.cuda.is_bf16_supported()
+        else:
+            with torch.cuda.device(device.index):  # is_bf16_supported() checks the current device
+                supported = torch.cuda.is_bf16_supported()
+        if not supported:
+            raise UsageError(f"{dtype_flag} bf16: {name} does not support bf16; use fp16 or fp32")
+    return device
+
+
+def check_length(tokens, max_positions, allow_long, subject):
+    """Raise UsageError when tokens exceed the model's trained positions, or only warn when allow_long is set.
+
+    subject starts the message, e.g. "--lengths 16384". Past max_position_embeddings RoPE meets
+    positions it was never trained on, so results there may be wrong.
+    """
+    if tokens <= max_positions:
+        return
+    message = f"{subject} exceeds the model's {max_positions} trained positions (max_position_embeddings)"
+    if not allow_long:
+        raise UsageError(f"{message}; use fewer tokens, or pass --allow-long to run past them")
+    print(f"warning: {message}; RoPE was not trained there, so expect worse results (--allow-long)", file=sys.stderr)
+
+
+def builtin_checkpoint():
+    """Return the built-in checkpoint folder, converting it on first use; raise CheckpointError if that fails."""
+    import prepare
+
+    try:
+        return prepare.ensure_builtin(log=lambda m: print(m, file=sys.stderr))
+    except prepare.PrepareError as e:
+        raise llama.CheckpointError(f"cannot prepare the built-in checkpoint: {e}") from None
+
+
+def check_output_path(path, flag, create_folder=True):
+    """Check that an output file can be written, before any heavy work; create its folder if create_folder is set.
+
+    The check opens the file for appending, which leaves an existing file unchanged, and removes
+    the file again if the check created it.
+    """
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a folder; give a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    if create_folder:
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            reason = "a file of that name exists" if os.path.isfile(folder) else e.strerror
+            raise UsageError(f"{flag} {path}: cannot create folder {folder}: {reason}; choose another path") from None
+    elif not os.path.isdir(folder):
+        raise UsageError(f"{flag} {path}: folder {folder} is missing or not writable; create it or choose another path")
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise UsageError(f"{flag} {path} cannot be written: {e.strerror}; choose another path") from None
+    if not existed:
+        os.remove(path)
+
+
+def check_fits(needed, available, device, fix):
+    """Compare a memory plan of needed bytes with the available bytes of device (None if unknown).
+
+    Raises UsageError ending in fix when the plan does not fit on CUDA. On CPU it only warns,
+    since the run may still finish by swapping.
+    """
+    if available is None or needed <= available:
+        return
+    message = f"the plan needs {needed / 1024 ** 3:.2f} GiB but {device} has {available / 1024 ** 3:.2f} GiB available"
+    if device.type == "cuda":
+        raise UsageError(f"{message}; {fix}")
+    print(f"warning: {message}; the run may swap or fail", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,19 +205,8 @@ class UsageError(Exception):
 
 def read_haystack(path):
     """Return the sentences of a UTF-8 text file, each with one leading space."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise UsageError(f"haystack file {path} not found") from None
-    except UnicodeDecodeError:
-        raise UsageError(f"haystack file {path} is not UTF-8 text; convert it, e.g. with iconv") from None
-    except OSError as e:
-        raise UsageError(f"cannot read haystack file {path}: {e.strerror}") from None
-    sentences = [" " + " ".join(s.split()) for s in re.split(r"(?<=[.!?])\s+", text) if s.strip()]
-    if not sentences:
-        raise UsageError(f"haystack file {path} contains no text")
-    return sentences
+    text = read_text_file(path, "haystack file")
+    return [" " + " ".join(s.split()) for s in re.split(r"(?<=[.!?])\s+", text) if s.strip()]
 
 
 def haystack_sentences(rng, sentences=None):
@@ -199,6 +314,7 @@ def peak_memory_bytes(device):
 # Results file: one JSON object per line, appended and flushed after every trial.
 
 KEY_FIELDS = ("method", "model", "dtype", "length", "depth", "trial", "seed", "chunk_size", "sinks", "window", "haystack")
+REPORT_FIELDS = ("method", "length", "depth", "trial", "answer", "correct")  # what print_tables reads
 
 
 def trial_key(record):
@@ -219,8 +335,10 @@ def load_results(path):
             except ValueError:
                 print(f"warning: {path}:{n} is not valid JSON (a run killed mid-write?); that trial runs again", file=sys.stderr)
                 continue
-            if isinstance(record, dict):
-                records.append(record)
+            if not isinstance(record, dict) or any(name not in record for name in REPORT_FIELDS):
+                print(f"warning: {path}:{n} is not a needle.py trial record; skipped", file=sys.stderr)
+                continue
+            records.append(record)
     return records
 
 
@@ -262,11 +380,8 @@ def print_plan(a, args, max_tokens, device, loaded_weights=False):
         # Loaded weights already take part of the device's memory.
         available = free + (plan["weights"] if loaded_weights else 0)
         print(f"  available on {device}: {available / gib:.2f} GiB", file=sys.stderr)
-        if largest > available:
-            message = f"the plan needs {largest / gib:.2f} GiB but {device} has {available / gib:.2f} GiB available"
-            if device.type == "cuda":
-                raise UsageError(message + "; use shorter --lengths, fewer --methods (oneshot needs the most) or a smaller --chunk-size")
-            print(f"warning: {message}; the run may swap or fail", file=sys.stderr)
+        check_fits(largest, available, device,
+                   "use shorter --lengths, fewer --methods (oneshot needs the most) or a smaller --chunk-size")
     return largest
 
 
@@ -345,7 +460,7 @@ def parse_length(text):
 def parse_list(text, parse, name, example):
     try:
         values = [parse(item) for item in text.split(",") if item.strip()]
-    except ValueError:
+    except (ValueError, OverflowError):
         raise UsageError(f"invalid --{name} {text!r}; give comma-separated values, e.g. --{name} {example}") from None
     if not values:
         raise UsageError(f"--{name} is empty")
@@ -353,12 +468,14 @@ def parse_list(text, parse, name, example):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Needle-in-a-haystack retrieval: KV-Fold against one-shot prefill and StreamingLLM.")
     parser.add_argument("--checkpoint", help="Hugging Face Llama folder (default: the built-in SmolLM2-135M-Instruct)")
     parser.add_argument("--preset", choices=PRESETS, help="paper: 16K to 128K tokens, chunk 256, 152 trials of fold")
     parser.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
     parser.add_argument("--lengths", help="prompt lengths in tokens, k = 1024 (default: 1000,4000,7500)")
+    parser.add_argument("--allow-long", action="store_true",
+                        help="allow --lengths beyond the model's max_position_embeddings, where RoPE was not trained (prints a warning)")
     parser.add_argument("--depths", help="needle depths as fractions of the filler (default: 0,0.5,1)")
     parser.add_argument("--trials", type=int, help="trials per length and depth (default: 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed for pass keys and filler (default: %(default)s)")
@@ -395,10 +512,7 @@ def parse_args(argv=None):
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.sinks < 0:
         raise UsageError(f"--sinks must be at least 0, got {args.sinks}")
-    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
-        raise UsageError(f"unknown --device {args.device!r}; use cpu or cuda")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda was requested but torch sees no CUDA device; use --device cpu")
+    check_device(args.device, [args.dtype])
     return args
 
 
@@ -406,17 +520,6 @@ def min_prompt_tokens(tokenizer):
     """Return the token count of a prompt with no filler, the shortest length build_prompt accepts."""
     needle = NEEDLE.format(key="12345")
     return len(tokenizer.encode(INTRO, bos=tokenizer.add_bos) + tokenizer.encode(" " + needle) + tokenizer.encode(QUESTION))
-
-
-def check_output_path(path, flag):
-    """Create the folder of an output file and check that it is writable, before any trial runs."""
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"{flag} {path}: cannot create folder {folder}: {e.strerror}") from None
-    if not os.access(folder, os.W_OK):
-        raise UsageError(f"{flag} {path}: folder {folder} is not writable")
 
 
 def print_grid(args, model_args):
@@ -428,9 +531,8 @@ def print_grid(args, model_args):
     if "streaming" in args.methods:
         print(f"  streaming keeps {args.sinks} sink tokens + the last {args.window} tokens", file=sys.stderr)
     longest = max(args.lengths)
-    if longest > model_args.max_seq_len:
-        raise UsageError(f"--lengths: {longest} exceeds the model's {model_args.max_seq_len} trained positions; use shorter lengths")
-    if longest + args.max_new_tokens > model_args.max_seq_len:
+    check_length(longest, model_args.max_seq_len, args.allow_long, f"--lengths {longest}")
+    if longest <= model_args.max_seq_len < longest + args.max_new_tokens:
         print(f"warning: answers to {longest}-token prompts run past the model's {model_args.max_seq_len} trained "
               "positions, where RoPE was not trained", file=sys.stderr)
 
@@ -439,9 +541,7 @@ def main(argv=None):
     args = parse_args(argv)
     sentences = read_haystack(args.haystack) if args.haystack else None
     if args.checkpoint is None:
-        import prepare
-
-        args.checkpoint = prepare.ensure_builtin(log=lambda m: print(m, file=sys.stderr))
+        args.checkpoint = builtin_checkpoint()
     model_args = llama.read_config(args.checkpoint)
     print_grid(args, model_args)
     device = torch.device(args.device)
@@ -450,6 +550,7 @@ def main(argv=None):
         return
 
     # Check everything that can fail before the model loads and trials run.
+    llama.check_weights(args.checkpoint, model_args)
     tokenizer = tok.load(args.checkpoint)
     shortest = min_prompt_tokens(tokenizer)
     if min(args.lengths) < shortest:
@@ -459,19 +560,20 @@ def main(argv=None):
             raise UsageError(f"--plot {args.plot}: give a .png, .pdf or .svg file name")
         check_output_path(args.plot, "--plot")
     done = {}
-    results_file = None
     if args.json:
         check_output_path(args.json, "--json")
         done = {trial_key(r): r for r in load_results(args.json)}
-        try:
-            results_file = open_results(args.json)
-        except OSError as e:
-            raise UsageError(f"cannot write results file {args.json}: {e.strerror}") from None
+    print_plan(model_args, args, max(args.lengths) + args.max_new_tokens, device)
 
     start = time.perf_counter()
     model = llama.load(args.checkpoint, device=device, dtype=DTYPES[args.dtype])
     print(f"loaded {args.checkpoint} ({args.dtype}, {args.device}) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    print_plan(model_args, args, max(args.lengths) + args.max_new_tokens, device, loaded_weights=True)
+    results_file = None
+    if args.json:
+        try:
+            results_file = open_results(args.json)
+        except OSError as e:
+            raise UsageError(f"cannot write results file {args.json}: {e.strerror}") from None
 
     identity = {"model": os.path.basename(os.path.abspath(args.checkpoint)), "dtype": args.dtype, "device": args.device,
                 "seed": args.seed, "haystack": os.path.basename(args.haystack) if args.haystack else "generated"}
@@ -491,15 +593,18 @@ def main(argv=None):
                 prompt_key = (length, depth, trial)
                 prompt = trial_prompt(tokenizer, length, depth, trial, args, sentences)
             record.update(run_trial(model, tokenizer, method, prompt, args))
-            results.append(record)
             if results_file:
                 append_result(results_file, record)
+            results.append(record)  # after saving, so an interrupt never counts an unsaved trial as saved
             mark = "ok" if record["correct"] else "MISS"
             print(f"[{i}/{len(grid)}] {method:<9} length {record['prompt_tokens']} depth {depth:.2f}: expected "
                   f"{record['expected']}, answered {record['answer'].strip()!r} {mark} ({record['seconds']:.1f} s)",
                   file=sys.stderr, flush=True)
     except KeyboardInterrupt:
-        saved = f"; {len(results) - skipped} new trials are saved in {args.json}, rerun the same command to continue" if args.json else ""
+        if args.json:
+            saved = f"; {len(results) - skipped} new trials are saved in {args.json}, rerun the same command to continue"
+        else:
+            saved = "; nothing was saved, pass --json PATH to keep finished trials"
         print(f"\ninterrupted after {len(results)} of {len(grid)} trials{saved}", file=sys.stderr)
         print_tables(results, args.lengths, args.depths, args.methods)
         sys.exit(130)

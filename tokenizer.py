@@ -41,7 +41,7 @@ SPACES_AT_START = regex.compile(r"\s*")
 
 
 class TokenizerError(ValueError):
-    pass
+    """A tokenizer that cannot be loaded or used; the message names the file and the fix."""
 
 
 class UnsupportedTokenizerError(TokenizerError):
@@ -164,9 +164,10 @@ class BPETokenizer(Tokenizer):
     """Byte-level BPE tokenizer read from a Hugging Face tokenizer.json."""
 
     def __init__(self, path):
-        with open(path, encoding="utf-8") as f:
-            spec = json.load(f)
-        model = spec["model"]
+        spec = read_json_file(path)
+        model = spec.get("model") if isinstance(spec, dict) else None
+        if not isinstance(model, dict):
+            raise TokenizerError(f"{path} has no \"model\" object, so it is not a Hugging Face tokenizer.json; download it again")
         if model.get("type") != "BPE":
             raise UnsupportedTokenizerError(f"unsupported tokenizer model type {model.get('type')!r} in {path}; only BPE is supported")
         if spec.get("normalizer") is not None:
@@ -178,8 +179,13 @@ class BPETokenizer(Tokenizer):
             if model.get(option):
                 raise UnsupportedTokenizerError(f"unsupported BPE option {option}={model[option]!r} in {path}")
 
-        self.vocab = dict(model["vocab"])
-        merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
+        vocab, merges = model.get("vocab"), model.get("merges")
+        if not isinstance(vocab, dict) or not all(isinstance(i, int) and not isinstance(i, bool) for i in vocab.values()):
+            raise TokenizerError(f"{path}: model.vocab must map tokens to ids; download tokenizer.json again")
+        if not isinstance(merges, list) or not all(isinstance(m, (str, list)) for m in merges):
+            raise TokenizerError(f"{path}: model.merges must be a list of merges; download tokenizer.json again")
+        self.vocab = dict(vocab)
+        merges = [m.split(" ") if isinstance(m, str) else m for m in merges]
         # A later duplicate of a merge overwrites the earlier rank, as in `tokenizers`.
         self.merge_ranks = {tuple(pair): rank for rank, pair in enumerate(merges)}
         self.ignore_merges = model.get("ignore_merges", False)
@@ -312,9 +318,16 @@ class SentencePieceTokenizer(Tokenizer):
     """SentencePiece tokenizer read from tokenizer.model (Llama-2, Mistral)."""
 
     def __init__(self, path):
-        import sentencepiece
+        try:
+            import sentencepiece
+        except ImportError:
+            raise TokenizerError(f"{path} needs the sentencepiece package; install it with: pip install sentencepiece") from None
 
-        self.sp = sentencepiece.SentencePieceProcessor(model_file=path)
+        # SentencePiece models are protobuf files: parsing one runs no code from the checkpoint.
+        try:
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=path)
+        except (RuntimeError, OSError) as e:
+            raise TokenizerError(f"{path} is not a valid SentencePiece model ({e}); download it again") from None
         self.adds_bos_by_default = True  # as transformers' LlamaTokenizer does
         self.vocab_size = self.sp.get_piece_size()
         self.special_tokens = {
@@ -332,18 +345,39 @@ class SentencePieceTokenizer(Tokenizer):
         return self.sp.decode(list(ids))
 
 
+def read_json_file(path):
+    """Return the parsed contents of a JSON file, or raise TokenizerError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as e:
+        raise TokenizerError(f"cannot read {path}: {e.strerror}") from None
+    except ValueError as e:  # invalid JSON, or bytes that are not UTF-8
+        raise TokenizerError(f"{path} is not valid JSON ({e}); download it again") from None
+
+
 def read_json(folder, name):
+    """Return the JSON object of an optional file in folder, or {} if the file does not exist."""
     path = os.path.join(folder, name)
     if not os.path.isfile(path):
         return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    data = read_json_file(path)
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path} must contain a JSON object; download it again")
+    return data
 
 
-def as_id_list(value):
+def as_id_list(value, path, key):
+    """Return a token id, a list of ids or None as a list of ids; raise TokenizerError for anything else."""
     if value is None:
-        return []
-    return value if isinstance(value, list) else [value]
+        ids = []
+    elif isinstance(value, list):
+        ids = value
+    else:
+        ids = [value]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise TokenizerError(f"{path}: {key} must be a token id or a list of token ids, got {value!r}; download it again")
+    return ids
 
 
 def set_special_ids(tok, folder):
@@ -354,47 +388,77 @@ def set_special_ids(tok, folder):
     """
     config = read_json(folder, "config.json")
     tokenizer_config = read_json(folder, "tokenizer_config.json")
+    config_path = os.path.join(folder, "config.json")
     ids = {}
     for name in ("bos", "eos"):
         value = config.get(f"{name}_token_id")
         if value is None:
             content = tokenizer_config.get(f"{name}_token")
             content = content.get("content") if isinstance(content, dict) else content
+            if content is not None and not isinstance(content, str):
+                raise TokenizerError(f"{os.path.join(folder, 'tokenizer_config.json')}: {name}_token must be a string, "
+                                     f"got {content!r}; download it again")
             value = tok.token_id(content) if content is not None else None
         if value is None and isinstance(tok, SentencePieceTokenizer):
             value = getattr(tok.sp, f"{name}_id")()
             value = value if value >= 0 else None
-        ids[name] = as_id_list(value)
+        ids[name] = as_id_list(value, config_path, f"{name}_token_id")
     tok.bos_id = ids["bos"][0] if ids["bos"] else None
+    if tok.bos_id is not None and tok.bos_id >= tok.vocab_size:
+        raise TokenizerError(f"{config_path}: bos_token_id {tok.bos_id} is outside the tokenizer's {tok.vocab_size} tokens; "
+                             "the tokenizer files do not belong to this checkpoint")
     add_bos = tokenizer_config.get("add_bos_token", tok.adds_bos_by_default)
     tok.add_bos = bool(add_bos) and tok.bos_id is not None
     tok.eos_id = ids["eos"][0] if ids["eos"] else None
 
     # generation_config.json lists the ids that end a chat turn for Hugging Face generate().
-    generation_eos = as_id_list(read_json(folder, "generation_config.json").get("eos_token_id"))
+    generation_eos = as_id_list(read_json(folder, "generation_config.json").get("eos_token_id"),
+                                os.path.join(folder, "generation_config.json"), "eos_token_id")
     tok.stop_ids = list(dict.fromkeys(ids["eos"] + generation_eos))
     return tok
+
+
+def read_bpe(path):
+    """Return the BPETokenizer of a tokenizer.json, turning a malformed file into TokenizerError."""
+    try:
+        return BPETokenizer(path)
+    except TokenizerError:
+        raise
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError, regex.error) as e:
+        # A field deeper than those BPETokenizer checks by hand (e.g. a pre-tokenizer) is missing or of the wrong type.
+        raise TokenizerError(f"{path} is malformed ({type(e).__name__}: {e}); download it again") from None
 
 
 def load(checkpoint_dir):
     """Load the tokenizer of a checkpoint folder: tokenizer.json if supported, else tokenizer.model.
 
     Llama-2 and Mistral folders ship both files, and their tokenizer.json is a SentencePiece-style
-    BPE that this file does not support, so tokenizer.model is used for them.
+    BPE that this file does not support, so tokenizer.model is used for them. Raises
+    TokenizerError for missing or malformed files, and for a tokenizer with more tokens than
+    config.json's vocab_size, whose extra ids the model could not embed.
     """
     if not os.path.isdir(checkpoint_dir):
-        raise TokenizerError(f"checkpoint folder {checkpoint_dir} not found")
+        problem = "is not a folder" if os.path.exists(checkpoint_dir) else "not found"
+        raise TokenizerError(f"checkpoint folder {checkpoint_dir} {problem}")
     json_path = os.path.join(checkpoint_dir, "tokenizer.json")
     sp_path = os.path.join(checkpoint_dir, "tokenizer.model")
+    tok = None
     if os.path.isfile(json_path):
         try:
-            return set_special_ids(BPETokenizer(json_path), checkpoint_dir)
+            tok, path = read_bpe(json_path), json_path
         except UnsupportedTokenizerError:
             if not os.path.isfile(sp_path):
                 raise
-    if os.path.isfile(sp_path):
-        return set_special_ids(SentencePieceTokenizer(sp_path), checkpoint_dir)
-    raise TokenizerError(
-        f"no tokenizer.json or tokenizer.model in {checkpoint_dir}; "
-        "copy them from the model's Hugging Face repository, or run python prepare.py for the built-in model"
-    )
+    if tok is None and os.path.isfile(sp_path):
+        tok, path = SentencePieceTokenizer(sp_path), sp_path
+    if tok is None:
+        raise TokenizerError(
+            f"no tokenizer.json or tokenizer.model in {checkpoint_dir}; "
+            "copy them from the model's Hugging Face repository, or run python prepare.py for the built-in model"
+        )
+    set_special_ids(tok, checkpoint_dir)
+    model_vocab = read_json(checkpoint_dir, "config.json").get("vocab_size")
+    if isinstance(model_vocab, int) and tok.vocab_size > model_vocab:
+        raise TokenizerError(f"{path} has {tok.vocab_size} tokens but config.json's vocab_size is {model_vocab}; "
+                             "the tokenizer files do not belong to this checkpoint")
+    return tok
