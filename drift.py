@@ -23,7 +23,6 @@ runs, so kl measures the drift of the hidden states and excludes lm_head's own r
     python drift.py --tokens 7000 --dtypes fp32 --out drift.csv --plot drift.png
 """
 
-import argparse
 import csv
 import json
 import random
@@ -51,21 +50,6 @@ UsageError = needle.UsageError
 
 # ---------------------------------------------------------------------------------------------
 # Input text
-
-
-def read_text(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise UsageError(f"text file {path} not found") from None
-    except UnicodeDecodeError:
-        raise UsageError(f"text file {path} is not UTF-8 text; convert it, e.g. with iconv") from None
-    except OSError as e:
-        raise UsageError(f"cannot read text file {path}: {e.strerror}") from None
-    if not text.strip():
-        raise UsageError(f"text file {path} contains no text")
-    return text
 
 
 def text_tokens(tokenizer, n_tokens, text=None, seed=0):
@@ -326,7 +310,7 @@ def plot_drift(rows, dtype_names, chunk_sizes, path, metrics=("kv_err", "hidden_
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = needle.ArgumentParser(
         description="Measure KV-Fold's per-step drift against a float64 one-shot reference, and the one-shot rounding "
                     "floor at the same dtype. Plateau: with m_t the median of the last 5 steps' errors and L the median "
                     "of the last quarter of the steps (at least 3), the plateau starts at the first chain depth after "
@@ -357,12 +341,7 @@ def parse_args(argv=None):
     if args.tokens < 2 * max(args.chunk_sizes):
         raise UsageError(f"--tokens {args.tokens} is too few: the largest chunk size {max(args.chunk_sizes)} needs at "
                          f"least {2 * max(args.chunk_sizes)} tokens for two fold steps")
-    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
-        raise UsageError(f"unknown --device {args.device!r}; use cpu or cuda")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda was requested but torch sees no CUDA device; use --device cpu")
-    if args.device.startswith("cuda") and "bf16" in args.dtypes and not torch.cuda.is_bf16_supported():
-        raise UsageError(f"--dtypes bf16: {torch.cuda.get_device_name(args.device)} does not support bf16; use fp16 or fp32")
+    needle.check_device(args.device, args.dtypes, "--dtypes")
     if args.plot and not args.plot.lower().endswith(".png"):
         raise UsageError(f"--plot {args.plot}: give a .png file name")
     return args
@@ -370,18 +349,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    text = read_text(args.text) if args.text else None
+    text = needle.read_text_file(args.text, "text file") if args.text else None
     if args.checkpoint is None:
-        import prepare
-
-        args.checkpoint = prepare.ensure_builtin(log=lambda m: print(m, file=sys.stderr))
+        args.checkpoint = needle.builtin_checkpoint()
     model_args = llama.read_config(args.checkpoint)
-    if args.tokens > model_args.max_seq_len:
-        if not args.allow_long:
-            raise UsageError(f"--tokens {args.tokens} exceeds the model's {model_args.max_seq_len} trained positions; "
-                             "use fewer tokens, or --allow-long to go beyond them")
-        print(f"warning: --tokens {args.tokens} exceeds the model's {model_args.max_seq_len} trained positions, "
-              "where RoPE was not trained", file=sys.stderr)
+    needle.check_length(args.tokens, model_args.max_seq_len, args.allow_long, f"--tokens {args.tokens}")
+    llama.check_weights(args.checkpoint, model_args)
     for path, flag in ((args.out, "--out"), (args.plot, "--plot")):
         if path:
             needle.check_output_path(path, flag)

@@ -52,7 +52,7 @@ def test_flop_count_matches_torch_counter(n_tokens, start):
 def test_small_run_writes_rows_and_targets(tmp_path, capsys):
     out = tmp_path / "bench.json"
 
-    bench.main(["--lengths", "48,96", "--dtypes", "fp32", "--methods", "ours-oneshot,ours-fold",
+    bench.main(["--lengths", "48,96", "--dtypes", "fp32", "--methods", "ours-oneshot,ours-fold", "--one-process",
                 "--chunk-size", "32", "--decode-tokens", "3", "--decode-from", "40", "--json", str(out)])
 
     result = json.loads(out.read_text())
@@ -74,8 +74,25 @@ def test_small_run_writes_rows_and_targets(tmp_path, capsys):
     (["--dtypes", "fp8"], "unknown 'fp8' in --dtypes"),
     (["--methods", "vllm"], "unknown 'vllm' in --methods"),
     (["--chunk-size", "0"], "--chunk-size must be at least 1"),
-    (["--lengths", "9000"], "exceed the model's 8192 trained positions"),
+    (["--lengths", "9000"], "exceeds the model's 8192 trained positions"),
 ])
 def test_bad_arguments_raise_usage_error(argv, message, tmp_path):
     with pytest.raises(bench.UsageError, match=message):
         bench.main(argv + ["--json", str(tmp_path / "b.json")])
+
+
+def test_random_config_runs_without_checkpoint(tmp_path):
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+              "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 8,
+              "rms_norm_eps": 1e-5, "max_position_embeddings": 512, "vocab_size": 97, "tie_word_embeddings": False,
+              "rope_theta": 10000.0}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "bench.json"
+
+    bench.main(["--random-config", str(tmp_path / "config.json"), "--lengths", "64", "--dtypes", "bf16",
+                "--methods", "ours-fold,hf-oneshot", "--chunk-size", "16", "--decode-tokens", "2", "--decode-from", "32",
+                "--one-process", "--json", str(out)])
+
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["method"], r["tokens"]) for r in rows] == [("ours-fold", 64), ("ours-decode", 2), ("hf-oneshot", 64), ("hf-decode", 2)]
+    assert all(r["weights_bytes"] == bench.memory.count_parameters(bench.llama.ModelArgs.from_config(config)) * 2 for r in rows)
