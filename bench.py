@@ -142,9 +142,8 @@ def peak_bytes(device):
 
 
 def ours_oneshot(llm, ids, args):
-    cache = llm.new_cache(ids.shape[1])
     start = time.perf_counter()
-    llm(ids, cache)
+    llm(ids, llm.new_cache(ids.shape[1]))  # allocating the cache is timed, as in the fold and in transformers
     synchronize(llm.device)
     return time.perf_counter() - start
 

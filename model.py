@@ -292,7 +292,7 @@ class Attention(nn.Module):
         self.v_proj = Linear(args.dim, args.n_kv_heads * args.head_dim, device)
         self.o_proj = Linear(args.n_heads * args.head_dim, args.dim, device)
 
-    def forward(self, x, cos, sin, cache_k, cache_v, start):
+    def forward(self, x, cos, sin, cache_k, cache_v, start, mask=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
@@ -310,7 +310,8 @@ class Attention(nn.Module):
         # inside the kernel, so the cache is not copied once per query head.
         # A chunk at position 0 has as many queries as keys, the one case where is_causal=True
         # is right, and it lets SDPA skip the mask. A single query sees every key.
-        mask = None if T == 1 or start == 0 else chunk_mask(start, T, end, x.device)
+        if mask is None and T > 1 and start > 0:
+            mask = chunk_mask(start, T, end, x.device)
         causal = T > 1 and start == 0
         out = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=True)  # (B, n_heads, T, head_dim)
@@ -336,8 +337,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps, device)
         self.mlp = MLP(args, device)
 
-    def forward(self, x, cos, sin, cache_k, cache_v, start):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache_k, cache_v, start)
+    def forward(self, x, cos, sin, cache_k, cache_v, start, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache_k, cache_v, start, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -388,10 +389,16 @@ class Transformer(nn.Module):
             raise ValueError(f"chunk of {T} tokens at position {start} overflows the cache of {cache.max_len} positions")
         positions = torch.arange(start, start + T, device=tokens.device)
         cos, sin = rope_tables(positions, self.inv_freq, compute_dtype(self.dtype))
+        # The chunk's mask, built once for all layers as an additive mask (0 or -inf): SDPA would
+        # otherwise convert a boolean mask in every layer.
+        mask = None
+        if T > 1 and start > 0:
+            visible = chunk_mask(start, T, start + T, tokens.device)
+            mask = torch.zeros(visible.shape, dtype=self.dtype, device=tokens.device).masked_fill_(~visible, float("-inf"))
 
         h = self.embed_tokens(tokens)  # (B, T, dim)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, cache.k[i], cache.v[i], start)
+            h = layer(h, cos, sin, cache.k[i], cache.v[i], start, mask)
         h = self.norm(h)
         cache.length = start + T
 

@@ -49,7 +49,7 @@ def test_flop_count_matches_torch_counter(n_tokens, start):
         assert ours_attention == attention
 
 
-def test_small_run_writes_rows_and_targets(tmp_path, capsys):
+def test_small_run_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
 
     bench.main(["--lengths", "48,96", "--dtypes", "fp32", "--methods", "ours-oneshot,ours-fold", "--one-process",
@@ -76,12 +76,12 @@ def test_small_run_writes_rows_and_targets(tmp_path, capsys):
     (["--chunk-size", "0"], "--chunk-size must be at least 1"),
     (["--lengths", "9000"], "exceeds the model's 8192 trained positions"),
 ])
-def test_bad_arguments_raise_usage_error(argv, message, tmp_path):
+def test_bad_arguments_rejected(argv, message, tmp_path):
     with pytest.raises(bench.UsageError, match=message):
         bench.main(argv + ["--json", str(tmp_path / "b.json")])
 
 
-def test_random_config_runs_without_checkpoint(tmp_path):
+def test_random_config_without_checkpoint(tmp_path):
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
               "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 8,
               "rms_norm_eps": 1e-5, "max_position_embeddings": 512, "vocab_size": 97, "tie_word_embeddings": False,

@@ -142,7 +142,7 @@ def test_interrupt_keeps_finished_passes(checkpoint, tmp_path, monkeypatch):
     assert ["fold", "fp32", "200"] not in runs
 
 
-def test_unwritable_output_is_rejected_before_measuring(checkpoint, tmp_path):
+def test_unwritable_output_rejected(checkpoint, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(drift.UsageError, match="cannot create folder"):
