@@ -9,11 +9,13 @@ and, per dtype, greedy decode of --decode-tokens tokens after a --decode-from-to
 from a folded cache, transformers from its own cache (the prompts' prefill is not timed).
 
 Each row runs in a fresh process that loads the model, warms it up and times one prefill or
-decode, the fastest of up to 3 runs within 10 s. It reports tokens/s, achieved GFLOP/s from a
-FLOP count of the model (matmuls only, with each query's attention counted over the keys before
-it), the fraction of a large F.linear's speed in the same dtype measured in the same run, and
-peak memory: max allocated on CUDA, or on Linux CPUs the peak RSS during the timed part (reset
-through /proc/self/clear_refs), also shown above the process's memory before the model was loaded.
+decode, the fastest of up to 3 runs within 10 s. It reports:
+- tokens/s;
+- achieved GFLOP/s, from a FLOP count of the model's matmuls with each query's attention counted
+  over the keys before it, and their fraction of a large F.linear's speed in the same dtype,
+  measured in the same run;
+- peak memory: max allocated on CUDA, or on Linux CPUs the peak RSS during the timed part (reset
+  through /proc/self/clear_refs), also shown above the memory before the model was loaded.
 
     python bench.py                                    # built-in model, CPU, fp32 and bf16
     python bench.py --lengths 4096 --dtypes bf16 --json results/bench-bf16.json
