@@ -16,11 +16,13 @@ stopped.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import random
 import re
 import resource
+import signal
 import sys
 import time
 
@@ -353,6 +355,23 @@ def open_results(path):
     return f
 
 
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Hold Ctrl-C (SIGINT) until the block ends, then raise KeyboardInterrupt if it came.
+
+    A Python handler is swapped in, rather than blocking the signal, because the kernel may deliver
+    SIGINT to one of torch's worker threads, where a blocked main thread does not stop it.
+    """
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
 def append_result(f, record):
     f.write(json.dumps(record) + "\n")
     f.flush()
@@ -593,9 +612,10 @@ def main(argv=None):
                 prompt_key = (length, depth, trial)
                 prompt = trial_prompt(tokenizer, length, depth, trial, args, sentences)
             record.update(run_trial(model, tokenizer, method, prompt, args))
-            if results_file:
-                append_result(results_file, record)
-            results.append(record)  # after saving, so an interrupt never counts an unsaved trial as saved
+            with interrupts_deferred():  # saved and counted together, so the Ctrl-C summary is exact
+                if results_file:
+                    append_result(results_file, record)
+                results.append(record)
             mark = "ok" if record["correct"] else "MISS"
             print(f"[{i}/{len(grid)}] {method:<9} length {record['prompt_tokens']} depth {depth:.2f}: expected "
                   f"{record['expected']}, answered {record['answer'].strip()!r} {mark} ({record['seconds']:.1f} s)",

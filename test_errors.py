@@ -522,7 +522,7 @@ def test_needle_ctrl_c_reports_saved(tiny, tmp_path):
     assert "Traceback" not in stderr
     saved = len(results.read_text(encoding="utf-8").splitlines())
     assert f"new trials are saved in {results}" in stderr
-    assert f"{saved} new trials" in stderr
+    assert f"{saved} new trials" in stderr, stderr
     assert "accuracy" in stdout, "no summary table"
 
 
