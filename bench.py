@@ -12,8 +12,8 @@ Each row runs in a fresh process that loads the model, warms it up and times one
 decode, the fastest of up to 3 runs within 10 s. It reports:
 - tokens/s;
 - achieved GFLOP/s, from a FLOP count of the model's matmuls with each query's attention counted
-  over the keys before it, and their fraction of a large F.linear's speed in the same dtype,
-  measured in the same run;
+  over the keys before it, and their fraction of a large F.linear's speed measured in the same
+  run: in the same dtype, or in fp32 for bf16 and fp16 where model.Linear computes them in fp32;
 - peak memory: max allocated on CUDA, or on Linux CPUs the peak RSS during the timed part (reset
   through /proc/self/clear_refs), also shown above the memory before the model was loaded.
 
@@ -227,7 +227,8 @@ def load_hf(args, dtype, device):
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     if args.random_config:
-        config = transformers.AutoConfig.from_pretrained(os.path.dirname(os.path.abspath(args.random_config)))
+        fields = dict(args.random_config_json)
+        config = transformers.AutoConfig.for_model(fields.pop("model_type", "llama"), **fields)  # the same file as ours
         torch.manual_seed(0)
         hf = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
     else:
@@ -351,6 +352,8 @@ def targets(rows, args):
             slowdown = ratio(rows, "ours-oneshot", "ours-fold", dtype, n)
             check(f"{dtype} {n}: ours-fold time / ours-oneshot time", slowdown, 1.1, at_least=False)
             for r in rows:
+                if args.one_process:  # peaks then include earlier rows' memory, so they prove nothing
+                    break
                 if r["method"] == "ours-fold" and r["dtype"] == dtype and r["tokens"] == n and r["above_baseline_bytes"]:
                     check(f"{dtype} {n}: ours-fold memory / (weights + cache)",
                           r["above_baseline_bytes"] / (r["weights_bytes"] + r["cache_bytes"]), 1.1, at_least=False)
@@ -371,6 +374,14 @@ def print_report(rows, checks, out=None):
     for c in checks:
         sign = ">=" if "memory" not in c["target"] and "time" not in c["target"] else "<="
         print(f"  {'met ' if c['met'] else 'MISS'} {c['target']}: {c['value']:.2f} (target {sign} {c['limit']})", file=out)
+
+
+def transformers_version():
+    try:
+        import transformers
+    except ImportError:
+        return None
+    return transformers.__version__
 
 
 def machine(device):
@@ -395,12 +406,14 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoint", help="checkpoint folder (default: the built-in SmolLM2-135M-Instruct)")
     parser.add_argument("--random-config", metavar="CONFIG_JSON",
                         help="use random weights of this config.json's shape instead of a checkpoint (prompts are random ids)")
-    parser.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)), help="prompt lengths in tokens (default: %(default)s)")
+    parser.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)), help="prompt lengths in tokens, 1k = 1024 (default: %(default)s)")
     parser.add_argument("--dtypes", default="fp32,bf16", help=f"comma-separated, from {', '.join(DTYPES)} (default: %(default)s)")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated prefill methods (default: %(default)s)")
-    parser.add_argument("--chunk-size", type=int, default=256, help="fold and chunked-prefill chunk (default: %(default)s)")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="comma-separated prefill methods; each implementation named here also decodes "
+                             "unless --decode-tokens 0 (default: %(default)s)")
+    parser.add_argument("--chunk-size", type=int, default=256, help="fold and chunked-prefill chunk in tokens (default: %(default)s)")
     parser.add_argument("--decode-tokens", type=int, default=32, help="greedy tokens to time, 0 to skip decoding (default: %(default)s)")
-    parser.add_argument("--decode-from", type=int, default=4096, help="prompt length before decoding (default: %(default)s)")
+    parser.add_argument("--decode-from", type=int, default=4096, help="prompt length in tokens before decoding (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--allow-long", action="store_true",
                         help="allow lengths beyond the model's max_position_embeddings, where RoPE was not trained")
@@ -463,17 +476,18 @@ def main(argv=None):
     needle.check_output_path(args.json, "--json")
 
     log(f"machine: {machine(device)}")
-    peaks = {}
+    measured = {}  # GFLOP/s of F.linear in each dtype's own kernel
     for dtype_name in args.dtypes:
-        peaks[dtype_name] = linear_peak(DTYPES[dtype_name], device)
-        log(f"F.linear {dtype_name} peak (2048 x 2048): {peaks[dtype_name]:.1f} GFLOP/s")
+        measured[dtype_name] = linear_peak(DTYPES[dtype_name], device)
+        log(f"F.linear {dtype_name} peak (2048 x 2048): {measured[dtype_name]:.1f} GFLOP/s")
+    peaks = dict(measured)  # the limit each dtype's rows are divided by
     if device.type == "cpu" and llama.Linear.upcast_half_on_cpu:
         # Our half-precision linears run the fp32 kernel here, so fp32's peak is their limit.
-        fp32_peak = peaks["fp32"] if "fp32" in peaks else linear_peak(torch.float32, device)
+        fp32_peak = measured["fp32"] if "fp32" in measured else linear_peak(torch.float32, device)
         for dtype_name in peaks:
             peaks[dtype_name] = max(peaks[dtype_name], fp32_peak)
         log(f"this CPU has no bf16 matrix units: our bf16 and fp16 linears run in fp32 (see model.Linear), "
-            f"so their peak is fp32's {fp32_peak:.1f} GFLOP/s")
+            f"so the fp32 peak {fp32_peak:.1f} GFLOP/s is the limit of every row")
 
     rows = []
     try:
@@ -484,7 +498,8 @@ def main(argv=None):
     checks = targets(rows, args)
     print_report(rows, checks)
     result = {"machine": machine(device), "device": args.device, "threads": torch.get_num_threads(),
-              "torch": torch.__version__, "linear_peak_gflops": peaks, "args": {k: v for k, v in vars(args).items() if k != "random_config_json"},
+              "torch": torch.__version__, "transformers": transformers_version(),
+              "linear_gflops_measured": measured, "peak_gflops_used": peaks, "args": {k: v for k, v in vars(args).items() if k != "random_config_json"},
               "rows": rows, "targets": checks}
     try:
         with open(args.json, "w") as f:

@@ -374,7 +374,9 @@ def main(argv=None):
         if not rows:
             raise
         log(f"\ninterrupted; writing the {len(rows)} rows measured so far")
-        args.plot = None  # a partial grid leaves panels empty
+        if args.plot:
+            log(f"--plot {args.plot} skipped: the run is incomplete, so some panels would be empty")
+        args.plot = None
         interrupted = True
     else:
         interrupted = False

@@ -550,7 +550,6 @@ def print_grid(args, model_args):
     if "streaming" in args.methods:
         print(f"  streaming keeps {args.sinks} sink tokens + the last {args.window} tokens", file=sys.stderr)
     longest = max(args.lengths)
-    check_length(longest, model_args.max_seq_len, args.allow_long, f"--lengths {longest}")
     if longest <= model_args.max_seq_len < longest + args.max_new_tokens:
         print(f"warning: answers to {longest}-token prompts run past the model's {model_args.max_seq_len} trained "
               "positions, where RoPE was not trained", file=sys.stderr)
@@ -562,13 +561,15 @@ def main(argv=None):
     if args.checkpoint is None:
         args.checkpoint = builtin_checkpoint()
     model_args = llama.read_config(args.checkpoint)
-    print_grid(args, model_args)
+    longest = max(args.lengths)
+    check_length(longest, model_args.max_seq_len, args.allow_long, f"--lengths {longest}")
     device = torch.device(args.device)
     if args.dry_run:
-        print_plan(model_args, args, max(args.lengths) + args.max_new_tokens, device)
+        print_grid(args, model_args)
+        print_plan(model_args, args, longest + args.max_new_tokens, device)
         return
 
-    # Check everything that can fail before the model loads and trials run.
+    # Check everything that can fail before anything else is printed, the model loads and trials run.
     llama.check_weights(args.checkpoint, model_args)
     tokenizer = tok.load(args.checkpoint)
     shortest = min_prompt_tokens(tokenizer)
@@ -582,7 +583,8 @@ def main(argv=None):
     if args.json:
         check_output_path(args.json, "--json")
         done = {trial_key(r): r for r in load_results(args.json)}
-    print_plan(model_args, args, max(args.lengths) + args.max_new_tokens, device)
+    print_grid(args, model_args)
+    print_plan(model_args, args, longest + args.max_new_tokens, device)
 
     start = time.perf_counter()
     model = llama.load(args.checkpoint, device=device, dtype=DTYPES[args.dtype])

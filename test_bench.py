@@ -86,10 +86,10 @@ def test_random_config_without_checkpoint(tmp_path):
               "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 8,
               "rms_norm_eps": 1e-5, "max_position_embeddings": 512, "vocab_size": 97, "tie_word_embeddings": False,
               "rope_theta": 10000.0}
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "shape.json").write_text(json.dumps(config))  # not config.json: transformers must read this file too
     out = tmp_path / "bench.json"
 
-    bench.main(["--random-config", str(tmp_path / "config.json"), "--lengths", "64", "--dtypes", "bf16",
+    bench.main(["--random-config", str(tmp_path / "shape.json"), "--lengths", "64", "--dtypes", "bf16",
                 "--methods", "ours-fold,hf-oneshot", "--chunk-size", "16", "--decode-tokens", "2", "--decode-from", "32",
                 "--one-process", "--json", str(out)])
 
