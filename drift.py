@@ -338,6 +338,8 @@ def parse_args(argv=None):
         raise UsageError(f"unknown dtype {unknown[0]!r} in --dtypes; choose from {', '.join(DTYPES)}")
     if min(args.chunk_sizes) < 1:
         raise UsageError(f"--chunk-sizes must be positive, got {min(args.chunk_sizes)}")
+    if args.tokens < 1:
+        raise UsageError(f"--tokens must be positive, got {args.tokens}")
     if args.tokens < 2 * max(args.chunk_sizes):
         raise UsageError(f"--tokens {args.tokens} is too few: the largest chunk size {max(args.chunk_sizes)} needs at "
                          f"least {2 * max(args.chunk_sizes)} tokens for two fold steps")

@@ -151,7 +151,7 @@ class ModelArgs:
         )
         for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "vocab_size", "max_seq_len"):
             if not isinstance(getattr(args, key), int) or getattr(args, key) <= 0:
-                raise invalid(f"missing or invalid {CONFIG_KEYS[key]} ({getattr(args, key)!r}), it must be a positive integer")
+                raise invalid(f"{CONFIG_KEYS[key]} must be a positive integer, got {getattr(args, key)!r}")
         if args.norm_eps <= 0:
             raise invalid(f"rms_norm_eps must be positive, got {args.norm_eps}")
         if n_heads % n_kv_heads:

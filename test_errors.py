@@ -265,7 +265,7 @@ def test_broken_checkpoint(tiny, document, tmp_path, case, breaks, expected, nam
 ARGUMENT_CASES = [
     # (case, command, extra arguments, texts the error line must contain)
     ("length zero", "needle", ["--lengths", "0"], ["--lengths must be positive"]),
-    ("length negative", "drift", ["--tokens", "-64"], ["--tokens -64 is too few"]),
+    ("length negative", "drift", ["--tokens", "-64"], ["--tokens must be positive, got -64"]),
     ("chunk size zero", "ask", ["--chunk-size", "0"], ["--chunk-size must be at least 1"]),
     ("chunk size negative", "drift", ["--chunk-sizes", "32,-1"], ["--chunk-sizes must be positive"]),
     ("chunk size zero", "needle", ["--chunk-size", "0"], ["--chunk-size must be at least 1"]),
