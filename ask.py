@@ -409,14 +409,7 @@ def main(argv=None):
 
 
 def run():
-    try:
-        main()
-    except (UsageError, llama.CheckpointError, tok.TokenizerError) as e:
-        print(f"ask.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:  # while checking inputs or loading the model; main() reports later interrupts
-        print("\ninterrupted before the document was folded; nothing was saved", file=sys.stderr)
-        sys.exit(130)
+    needle.run_command(main, "ask.py", "interrupted before the document was folded; nothing was saved")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ import argparse
 import gc
 import json
 import multiprocessing
-import os
 import platform
 import sys
 import time
@@ -107,16 +106,15 @@ def synchronize(device):
 
 
 def reset_peak(device):
-    """Start a new peak-memory window; return False where the platform cannot reset it."""
+    """Start a new peak-memory window. Where /proc/self/clear_refs is missing, the CPU peak stays the process's."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        return True
+        return
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # On Linux, writing 5 resets the peak RSS (VmHWM) to the current RSS.
-        return True
     except OSError:
-        return False
+        pass
 
 
 def proc_status_bytes(field):
@@ -446,9 +444,9 @@ def read_random_config(path):
         with open(path) as f:
             return json.load(f)
     except FileNotFoundError:
-        raise UsageError(f"--random-config {path} not found") from None
+        raise UsageError(f"--random-config {path} not found; give the path of a config.json") from None
     except (OSError, ValueError) as e:
-        raise UsageError(f"--random-config {path} is not a readable JSON file ({e})") from None
+        raise UsageError(f"--random-config {path} is not valid JSON ({e}); give a Hugging Face config.json") from None
 
 
 def main(argv=None):
@@ -510,14 +508,7 @@ def main(argv=None):
 
 
 def run():
-    try:
-        main()
-    except (UsageError, llama.CheckpointError, tok.TokenizerError) as e:
-        print(f"bench.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("\ninterrupted before any measurement", file=sys.stderr)
-        sys.exit(130)
+    needle.run_command(main, "bench.py", "interrupted before any measurement")
 
 
 if __name__ == "__main__":

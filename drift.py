@@ -398,14 +398,7 @@ def main(argv=None):
 
 
 def run():
-    try:
-        main()
-    except (UsageError, llama.CheckpointError, tok.TokenizerError) as e:
-        print(f"drift.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:  # before the first pass finished; main writes what was measured after that
-        print("\ninterrupted before any pass finished; nothing was measured", file=sys.stderr)
-        sys.exit(130)
+    needle.run_command(main, "drift.py", "interrupted before any pass finished; nothing was measured")
 
 
 if __name__ == "__main__":

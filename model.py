@@ -434,7 +434,7 @@ def weight_files(checkpoint_dir):
             with open(index_path, encoding="utf-8") as f:
                 weight_map = json.load(f)["weight_map"]
         except OSError as e:
-            raise CheckpointError(f"cannot read {index_path}: {e.strerror}") from None
+            raise CheckpointError(f"cannot read {index_path}: {e.strerror}; check its permissions") from None
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index_path}: invalid index ({e}); download it again") from None
         if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
@@ -473,7 +473,7 @@ def read_config(checkpoint_dir):
     except FileNotFoundError:
         raise CheckpointError(f"{path} not found; a Hugging Face checkpoint folder needs its config.json") from None
     except OSError as e:
-        raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
+        raise CheckpointError(f"cannot read {path}: {e.strerror}; check its permissions") from None
     except ValueError as e:  # also UnicodeDecodeError
         raise CheckpointError(f"{path} is not valid JSON ({e}); download it again") from None
     if not isinstance(cfg, dict):
@@ -526,7 +526,7 @@ def check_weights(checkpoint_dir, args):
         except SafetensorError as e:
             raise CheckpointError(f"{path} is not a readable safetensors file ({e}); download it again") from None
         except OSError as e:
-            raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
+            raise CheckpointError(f"cannot read {path}: {e.strerror}; check its permissions") from None
     missing = sorted(set(expected) - set(found))
     if missing:
         first = missing[0] if missing[0] == "lm_head.weight" else "model." + missing[0]

@@ -124,7 +124,7 @@ def check_device(name, dtype_names, dtype_flag="--dtype"):
         raise UsageError(f"--device {name} was requested but torch sees no CUDA device; use --device cpu")
     count = torch.cuda.device_count()
     if device.index is not None and device.index >= count:
-        raise UsageError(f"--device {name}: torch sees {count} CUDA devices, numbered from 0")
+        raise UsageError(f"--device {name}: torch sees {count} CUDA devices; use cuda:0 to cuda:{count - 1}")
     if "bf16" in dtype_names:
         if device.index is None:
             supported = torch.cuda.is_bf16_supported()
@@ -644,15 +644,23 @@ def main(argv=None):
         print(f"heatmap: {args.plot}", file=sys.stderr)
 
 
-def run():
+def run_command(main, script, interrupted):
+    """Run main(); print an input error as one line and exit with status 2, or on Ctrl-C print interrupted and exit with 130.
+
+    main() reports an interrupt itself once it has results to save; interrupted covers the time before.
+    """
     try:
         main()
     except (UsageError, llama.CheckpointError, tok.TokenizerError) as e:
-        print(f"needle.py: error: {e}", file=sys.stderr)
+        print(f"{script}: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:  # before the first trial; the trial loop reports what it saved
-        print("\ninterrupted before any trial ran", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"\n{interrupted}", file=sys.stderr)
         sys.exit(130)
+
+
+def run():
+    run_command(main, "needle.py", "interrupted before any trial ran")
 
 
 if __name__ == "__main__":
